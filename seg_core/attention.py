@@ -1,0 +1,270 @@
+"""Patching self-attention layers so that some branches of a batch see a changed attention.
+
+A guided UNet call stacks several branches along the batch axis (``[uncond, cond, seg, pag, ...]``,
+each ``B`` rows).  In a patched layer, :class:`BranchAttnProcessor` runs the layer's own processor on the
+ordinary branches (so a user's custom processor keeps working) and an :class:`AttentionChange` on the
+others.  :func:`patched_self_attention` installs the processors and always puts the originals back.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from .blur import BLUR_KERNELS, blur_tokens, is_infinite_sigma
+
+_PARTS = {"d": "down", "m": "mid", "u": "up"}
+_PART_PREFIX = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer names
+# --------------------------------------------------------------------------------------------------
+
+
+def self_attention_layers(unet: torch.nn.Module) -> dict[str, list[str]]:
+    """Module names of the UNet's self-attention layers, per part ("down", "mid", "up"), in order."""
+    layers = {"down": [], "mid": [], "up": []}
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and not module.is_cross_attention and name.endswith("attn1"):
+            for part, prefix in _PART_PREFIX.items():
+                if name.startswith(prefix):
+                    layers[part].append(name)
+    return layers
+
+
+def resolve_layers(unet: torch.nn.Module, applied_layers) -> list[str]:
+    """Module names for layer specs like ``["mid"]``, ``["down", "u0"]`` or ``"d4"`` (SEG authors' names).
+
+    "down" / "mid" / "up" select every self-attention of that part; "d<i>", "m<i>", "u<i>" the i-th one.
+    """
+    if isinstance(applied_layers, str):
+        applied_layers = [applied_layers]
+    available = self_attention_layers(unet)
+    allowed = (
+        f"'down', 'mid', 'up', 'd0'..'d{len(available['down']) - 1}', "
+        f"'m0'..'m{len(available['mid']) - 1}', 'u0'..'u{len(available['up']) - 1}'"
+    )
+    if not applied_layers:
+        raise ValueError(f"applied layers must name at least one layer: {allowed}")
+    names: list[str] = []
+    for spec in applied_layers:
+        if not isinstance(spec, str):
+            raise ValueError(f"layer names are strings, got {spec!r}; allowed: {allowed}")
+        key = spec.strip().lower()
+        if key in available:
+            chosen = available[key]
+        else:
+            match = re.fullmatch(r"([dmu])(\d+)", key)
+            part = _PARTS[match.group(1)] if match else None
+            if part is None or int(match.group(2)) >= len(available[part]):
+                raise ValueError(f"unknown attention layer {spec!r}; allowed: {allowed}")
+            chosen = [available[part][int(match.group(2))]]
+        names.extend(n for n in chosen if n not in names)
+    return names
+
+
+def token_grid(num_tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) of a layer's token grid, from the latent size (never a square root).
+
+    Each UNet level halves the latent with a stride-2 convolution, i.e. rounds up.
+    """
+    height, width = latent_size
+    factor = 1
+    while True:
+        h, w = math.ceil(height / factor), math.ceil(width / factor)
+        if h * w == num_tokens:
+            return h, w
+        if h * w < num_tokens or (h == 1 and w == 1):
+            raise ValueError(f"{num_tokens} tokens do not form a grid of a {height}x{width} latent")
+        factor *= 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention changes (one per guidance method)
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    batch, tokens, inner = x.shape
+    return x.view(batch, tokens, attn.heads, inner // attn.heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def _qkv(attn: Attention, hidden_states: torch.Tensor):
+    query = _split_heads(attn, attn.to_q(hidden_states))
+    key = _split_heads(attn, attn.to_k(hidden_states))
+    value = _split_heads(attn, attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+class AttentionChange:
+    """Self-attention of one branch, changed. ``attend`` maps normalised tokens to pre-``to_out`` features."""
+
+    def attend(self, attn: Attention, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, grid, temb=None) -> torch.Tensor:
+        # The same pre- and post-processing as diffusers' AttnProcessor2_0.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            grid = (height, width)
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        out = self.attend(attn, hidden_states, grid)
+        out = attn.to_out[1](attn.to_out[0](out))
+        # A change may compute one token row that stands for all of them (infinite-sigma SEG).
+        out = out.expand(hidden_states.shape[0], hidden_states.shape[1], out.shape[-1])
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@dataclass(frozen=True)
+class SmoothedEnergyAttention(AttentionChange):
+    """SEG: blur the query (or key) over the token grid before attention; blur is linear, so this
+    equals blurring the attention logits along that axis (Hong 2024, Eq. 9)."""
+
+    blur_sigma: float
+    blur_target: str = "query"
+    blur_kernel: str = "paper"
+
+    def attend(self, attn, hidden_states, grid):
+        query, key, value = _qkv(attn, hidden_states)
+        if self.blur_target == "query" and is_infinite_sigma(self.blur_sigma):
+            # Every query row is the mean query, so every output row is the same: compute one.
+            query = query.mean(dim=-2, keepdim=True)
+        elif self.blur_target == "query":
+            query = blur_tokens(query, grid, self.blur_sigma, self.blur_kernel)
+        else:
+            key = blur_tokens(key, grid, self.blur_sigma, self.blur_kernel)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        return _merge_heads(out).to(query.dtype)
+
+
+@dataclass(frozen=True)
+class IdentityAttention(AttentionChange):
+    """PAG: self-attention map replaced by the identity, so the layer outputs ``to_out(to_v(x))``."""
+
+    def attend(self, attn, hidden_states, grid):
+        return attn.to_v(hidden_states)
+
+
+@dataclass
+class AttentionMaskProbe(AttentionChange):
+    """SAG's probe: ordinary attention that also records which key tokens draw more than average
+    attention: ``mean over heads, sum over queries > 1`` (Hong et al. 2023, Eq. 13)."""
+
+    mask: torch.Tensor | None = field(default=None, repr=False)
+    grid: tuple[int, int] | None = None
+
+    def attend(self, attn, hidden_states, grid):
+        query, key, value = _qkv(attn, hidden_states)
+        batch, heads = query.shape[:2]
+        probs = attn.get_attention_scores(query.flatten(0, 1), key.flatten(0, 1), None)
+        self.mask = probs.view(batch, heads, *probs.shape[1:]).mean(dim=1).sum(dim=1) > 1.0
+        self.grid = grid
+        out = torch.bmm(probs, value.flatten(0, 1)).view(batch, heads, -1, value.shape[-1])
+        return _merge_heads(out)
+
+
+def check_blur_options(blur_sigma, blur_target: str, blur_kernel: str, prefix: str = "seg_") -> None:
+    """ValueError naming the bad SEG blur setting and what is allowed."""
+    if not isinstance(blur_sigma, (int, float)) or isinstance(blur_sigma, bool) or math.isnan(blur_sigma):
+        raise ValueError(f"{prefix}blur_sigma must be a number >= 0 (math.inf for infinite), got {blur_sigma!r}")
+    if blur_sigma < 0:
+        raise ValueError(f"{prefix}blur_sigma must be >= 0 (math.inf for infinite), got {blur_sigma}")
+    if blur_target not in ("query", "key"):
+        raise ValueError(f"{prefix}blur_target must be 'query' or 'key', got {blur_target!r}")
+    if blur_kernel not in BLUR_KERNELS:
+        raise ValueError(f"{prefix}blur_kernel must be one of {BLUR_KERNELS}, got {blur_kernel!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The processor and the patch
+# --------------------------------------------------------------------------------------------------
+
+
+class BranchPlan:
+    """Which branch of the batch each patched layer changes, for the UNet call about to run."""
+
+    def __init__(self):
+        self.num_branches = 1
+        self.changes: dict[str, dict[int, AttentionChange]] = {}
+        self.latent_size: tuple[int, int] | None = None
+
+    def set(self, num_branches: int, changes: dict[str, dict[int, AttentionChange]], latent_size) -> None:
+        self.num_branches = num_branches
+        self.changes = changes
+        self.latent_size = latent_size
+
+
+class BranchAttnProcessor:
+    """Runs ``original`` on unchanged branches and the plan's AttentionChange on the others."""
+
+    def __init__(self, original, layer_name: str, plan: BranchPlan):
+        self.original = original
+        self.layer_name = layer_name
+        self.plan = plan
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        changes = self.plan.changes.get(self.layer_name)
+        if not changes or encoder_hidden_states is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        n = self.plan.num_branches
+        if hidden_states.shape[0] % n:
+            raise RuntimeError(f"batch of {hidden_states.shape[0]} does not split into {n} branches")
+        chunks = hidden_states.chunk(n)
+        masks = attention_mask.chunk(n) if attention_mask is not None else [None] * n
+        grid = None
+        if hidden_states.ndim == 3:
+            grid = token_grid(hidden_states.shape[1], self.plan.latent_size)
+        outputs, start = [], 0
+        # Consecutive unchanged branches go through the original processor together.
+        for index in range(n + 1):
+            if index < n and index not in changes:
+                continue
+            if start < index:
+                rows = torch.cat(chunks[start:index]) if index - start > 1 else chunks[start]
+                mask = torch.cat(masks[start:index]) if masks[start] is not None else None
+                outputs.append(self.original(attn, rows, None, mask, temb, **kwargs))
+            if index < n:
+                outputs.append(changes[index](attn, chunks[index], grid, temb))
+            start = index + 1
+        return torch.cat(outputs)
+
+
+@contextmanager
+def patched_self_attention(unet: torch.nn.Module, layer_names, plan: BranchPlan):
+    """Install BranchAttnProcessors on ``layer_names``; the original processors come back on exit,
+    whatever happens inside."""
+    modules = dict(unet.named_modules())
+    originals = {name: modules[name].processor for name in layer_names}
+    try:
+        for name in layer_names:
+            modules[name].set_processor(BranchAttnProcessor(originals[name], name, plan))
+        yield plan
+    finally:
+        for name, processor in originals.items():
+            modules[name].set_processor(processor)

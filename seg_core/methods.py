@@ -1,0 +1,266 @@
+"""Guidance methods as small objects behind one interface, and the step that combines them.
+
+Every method adds ``scale * (eps_reference - eps_weak)`` to the noise prediction.  SEG and PAG weaken
+the conditional model by changing attention in some layers; their branch shares the conditional input,
+so it rides along in the main UNet call.  SAG weakens the *input* instead (a blurred x0, re-noised), so
+it needs a second call.  A new method subclasses :class:`GuidanceMethod` and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
+
+from .attention import (
+    AttentionChange,
+    AttentionMaskProbe,
+    IdentityAttention,
+    SmoothedEnergyAttention,
+    check_blur_options,
+    resolve_layers,
+)
+from .blur import blur_image
+from .guidance import classifier_free_guidance, weakened_model_guidance
+
+#: ``model(x, t, roles) -> prediction``: one UNet call on ``x`` (``len(roles) * B`` rows, branch after
+#: branch); ``roles[k]`` ("uncond" or "cond") says which conditioning branch k gets.
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
+
+
+def check_scale(name: str, value, upper: float = 100.0) -> float:
+    """ValueError unless ``value`` is a finite number in [0, upper]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number in [0, {upper:g}], got {value!r}")
+    if not 0 <= value <= upper:
+        raise ValueError(f"{name} must be in [0, {upper:g}], got {value}")
+    return float(value)
+
+
+def check_interval(start, end, prefix: str) -> tuple[float, float]:
+    """ValueError unless 0 <= start < end <= 1."""
+    for name, value in ((f"{prefix}_start", start), (f"{prefix}_end", end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    if start >= end:
+        raise ValueError(f"{prefix}_start ({start}) must be below {prefix}_end ({end})")
+    return float(start), float(end)
+
+
+@dataclass
+class StepState:
+    """What a method may use at one denoising step."""
+
+    x: torch.Tensor  # the UNet's input for one branch (after scheduler.scale_model_input)
+    t: torch.Tensor
+    scheduler: object
+    model: ModelFn
+    do_cfg: bool
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # "uncond", "cond", and each branch key
+
+    @property
+    def alpha_prod(self) -> float:
+        """alpha-bar of the noise level of ``x``: x = sqrt(a) x0 + sqrt(1 - a) eps."""
+        return model_input_alpha_prod(self.scheduler, self.t)
+
+
+class GuidanceMethod:
+    """One additive guidance term, active on the steps in [start, end) of the schedule."""
+
+    name = "method"
+    layers_spec: Sequence[str] = ()
+
+    def __init__(self, scale: float, start: float = 0.0, end: float = 1.0):
+        self.scale = check_scale(f"{self.name}_scale", scale)
+        self.start, self.end = check_interval(start, end, "perturbation_guidance")
+
+    def is_active(self, step: int, num_steps: int) -> bool:
+        # The same rule as diffusers' control_guidance_start / control_guidance_end.
+        return self.scale > 0 and not (step / num_steps < self.start or (step + 1) / num_steps > self.end)
+
+    def scale_at(self, t) -> float:
+        return self.scale
+
+    def bind(self, unet: torch.nn.Module) -> None:
+        """Resolve layer names against ``unet`` (raises ValueError for unknown ones)."""
+        self.layers = resolve_layers(unet, self.layers_spec) if self.layers_spec else []
+
+    # A method with an extra branch in the main call returns its AttentionChange here.
+    def branch_change(self) -> AttentionChange | None:
+        return None
+
+    # Changes on the reference branch ("uncond" with CFG, else "cond") that only observe.
+    def probe(self) -> AttentionChange | None:
+        return None
+
+    def weak_prediction(self, state: StepState) -> torch.Tensor:
+        return state.outputs[self.name]
+
+    def reference_prediction(self, state: StepState) -> torch.Tensor:
+        return state.outputs["cond"]
+
+
+class SEG(GuidanceMethod):
+    """Smoothed Energy Guidance (Hong, NeurIPS 2024): the conditional model with its self-attention
+    energy landscape smoothed by a Gaussian blur of the query, in ``applied_layers``."""
+
+    name = "seg"
+
+    def __init__(
+        self,
+        scale: float = 3.0,
+        blur_sigma: float = math.inf,
+        applied_layers=("mid",),
+        blur_target: str = "query",
+        blur_kernel: str = "paper",
+        start: float = 0.0,
+        end: float = 1.0,
+    ):
+        super().__init__(scale, start, end)
+        check_blur_options(blur_sigma, blur_target, blur_kernel)
+        self.blur_sigma = float(blur_sigma)
+        self.layers_spec = applied_layers
+        self.change = SmoothedEnergyAttention(self.blur_sigma, blur_target, blur_kernel)
+
+    def branch_change(self):
+        return self.change
+
+
+class PAG(GuidanceMethod):
+    """Perturbed-Attention Guidance (Ahn et al. 2024): self-attention maps replaced by the identity."""
+
+    name = "pag"
+
+    def __init__(self, scale: float = 3.0, applied_layers=("mid",), adaptive_scale: float = 0.0,
+                 start: float = 0.0, end: float = 1.0):
+        super().__init__(scale, start, end)
+        self.adaptive_scale = check_scale("pag_adaptive_scale", adaptive_scale, 1.0)
+        self.layers_spec = applied_layers
+
+    def scale_at(self, t) -> float:
+        # diffusers' PAGMixin: the scale falls linearly as t leaves 1000, floored at 0.
+        if self.adaptive_scale == 0:
+            return self.scale
+        return max(self.scale - self.adaptive_scale * (1000 - float(t)), 0.0)
+
+    def branch_change(self):
+        return IdentityAttention()
+
+
+class SAG(GuidanceMethod):
+    """Self-Attention Guidance (Hong et al., ICCV 2023): blur the predicted x0 where the first mid-block
+    self-attention looks most, re-noise it, and guide away from the prediction on that input."""
+
+    name = "sag"
+
+    def __init__(self, scale: float = 0.75, blur_sigma: float = 1.0, start: float = 0.0, end: float = 1.0):
+        super().__init__(scale, start, end)
+        if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, (int, float)) or not 0 < blur_sigma <= 10:
+            raise ValueError(f"sag_blur_sigma must be in (0, 10], got {blur_sigma!r}")
+        self.blur_sigma = float(blur_sigma)
+        self._probe = AttentionMaskProbe()
+
+    def bind(self, unet):
+        self.layers = resolve_layers(unet, ["m0"])
+
+    def probe(self):
+        return self._probe
+
+    def reference_prediction(self, state):
+        return state.outputs["uncond" if state.do_cfg else "cond"]
+
+    def weak_prediction(self, state):
+        a = state.alpha_prod
+        reference = self.reference_prediction(state)
+        x0, eps = predicted_x0_and_eps(state.x, reference, a, state.scheduler.config.prediction_type)
+        mask = self._probe.mask.to(x0.dtype).view(-1, 1, *self._probe.grid)
+        mask = F.interpolate(mask, size=x0.shape[-2:]).expand_as(x0)  # nearest, as in diffusers
+        # diffusers uses a 9-tap kernel at sigma 1; 2 * ceil(4 sigma) + 1 keeps that and scales with sigma.
+        size = min(2 * math.ceil(4 * self.blur_sigma) + 1, 2 * min(x0.shape[-2:]) - 1)
+        degraded = blur_image(x0, self.blur_sigma, size) * mask + x0 * (1 - mask)
+        degraded = a**0.5 * degraded + (1 - a) ** 0.5 * eps
+        return state.model(degraded, state.t, ["uncond" if state.do_cfg else "cond"])
+
+
+def predicted_x0_and_eps(x: torch.Tensor, output: torch.Tensor, alpha_prod: float, prediction_type: str):
+    """x0 and eps from a model output at noise level alpha-bar (DDPM parameterisations)."""
+    a, b = alpha_prod**0.5, (1 - alpha_prod) ** 0.5
+    if prediction_type == "epsilon":
+        return (x - b * output) / a, output
+    if prediction_type == "sample":
+        return output, (x - a * output) / b
+    if prediction_type == "v_prediction":
+        return a * x - b * output, a * output + b * x
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def model_input_alpha_prod(scheduler, t) -> float:
+    """alpha-bar of the UNet input at timestep ``t``, for any diffusers scheduler.
+
+    Karras-style schedulers (Euler, Heun, ...) keep x = x0 + sigma eps and feed x / sqrt(sigma^2 + 1),
+    i.e. alpha-bar = 1 / (1 + sigma^2); DDPM-style ones (DDIM, DPM-Solver, ...) feed x as it is.
+    """
+    sigmas = getattr(scheduler, "sigmas", None)
+    step_index = getattr(scheduler, "step_index", None)
+    if sigmas is not None and step_index is not None and float(scheduler.init_noise_sigma) > 1.0:
+        sigma = float(sigmas[step_index])
+        return 1.0 / (1.0 + sigma * sigma)
+    return float(scheduler.alphas_cumprod[int(t)])
+
+
+class GuidedStep:
+    """Computes the guided noise prediction of one denoising step from the active methods.
+
+    Main call: ``[uncond (with CFG), cond, <one branch per SEG/PAG-like method>]``, the layout of the
+    SEG authors and diffusers' PAG pipelines; then methods that need more calls (SAG) make them.
+    """
+
+    def __init__(self, methods: Sequence[GuidanceMethod], plan, guidance_scale: float, do_cfg: bool,
+                 guidance_rescale: float = 0.0):
+        self.methods = list(methods)
+        self.plan = plan
+        self.guidance_scale = guidance_scale
+        self.do_cfg = do_cfg
+        self.guidance_rescale = guidance_rescale
+
+    def patched_layers(self) -> list[str]:
+        names: list[str] = []
+        for method in self.methods:
+            names.extend(n for n in method.layers if n not in names)
+        return names
+
+    def __call__(self, model: ModelFn, x: torch.Tensor, t, step: int, num_steps: int, scheduler):
+        active = [m for m in self.methods if m.is_active(step, num_steps)]
+        roles = (["uncond"] if self.do_cfg else []) + ["cond"]
+        keys = list(roles)
+        changes: dict[str, dict[int, AttentionChange]] = {}
+        for method in active:
+            change, branch = method.branch_change(), None
+            if change is not None:
+                branch = len(keys)
+                keys.append(method.name)
+                roles.append("cond")
+            elif method.probe() is not None:
+                change, branch = method.probe(), 0
+            if change is not None:
+                for layer in method.layers:
+                    changes.setdefault(layer, {})[branch] = change
+        self.plan.set(len(roles), changes, tuple(x.shape[-2:]))
+        try:
+            prediction = model(torch.cat([x] * len(roles)), t, roles)
+        finally:
+            self.plan.set(1, {}, None)
+        state = StepState(x, t, scheduler, model, self.do_cfg, dict(zip(keys, prediction.chunk(len(keys)))))
+        eps_cond = state.outputs["cond"]
+        eps = classifier_free_guidance(state.outputs["uncond"], eps_cond, self.guidance_scale) if self.do_cfg else eps_cond
+        for method in active:
+            eps = weakened_model_guidance(
+                eps, method.reference_prediction(state), method.weak_prediction(state), method.scale_at(t)
+            )
+        if self.do_cfg and self.guidance_rescale > 0.0:
+            eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=self.guidance_rescale)
+        return eps

@@ -1,0 +1,463 @@
+"""StableDiffusionXLSEGPipeline: SDXL (optionally with a ControlNet) guided by SEG, PAG and/or SAG."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import ControlNetModel, StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from .attention import BranchPlan, patched_self_attention
+from .methods import PAG, SAG, SEG, GuidanceMethod, GuidedStep, check_interval, check_scale
+
+MAX_STEPS = 1000
+
+
+def build_guidance_methods(
+    seg_scale: float = 3.0,
+    seg_blur_sigma: float = math.inf,
+    seg_applied_layers: Sequence[str] = ("mid",),
+    seg_blur_target: str = "query",
+    seg_blur_kernel: str = "paper",
+    pag_scale: float = 0.0,
+    pag_applied_layers: Sequence[str] = ("mid",),
+    pag_adaptive_scale: float = 0.0,
+    sag_scale: float = 0.0,
+    sag_blur_sigma: float = 1.0,
+    perturbation_guidance_start: float = 0.0,
+    perturbation_guidance_end: float = 1.0,
+) -> list[GuidanceMethod]:
+    """The methods the pipeline's keyword arguments ask for, validated; a method at scale 0 is left out."""
+    interval = dict(start=perturbation_guidance_start, end=perturbation_guidance_end)
+    check_interval(perturbation_guidance_start, perturbation_guidance_end, "perturbation_guidance")
+    methods: list[GuidanceMethod] = [
+        SEG(seg_scale, seg_blur_sigma, seg_applied_layers, seg_blur_target, seg_blur_kernel, **interval),
+        PAG(pag_scale, pag_applied_layers, pag_adaptive_scale, **interval),
+        SAG(sag_scale, sag_blur_sigma, **interval),
+    ]
+    return [m for m in methods if m.scale > 0]
+
+
+class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
+    r"""Stable Diffusion XL with Smoothed Energy Guidance (Hong, NeurIPS 2024), PAG and SAG.
+
+    Built from the standard SDXL components (loadable with ``from_pretrained`` / ``from_pipe``), plus an
+    optional ``controlnet`` (a [`ControlNetModel`]). ``__call__`` takes every argument of
+    [`StableDiffusionXLPipeline.__call__`]; with a ControlNet also those of
+    [`StableDiffusionXLControlNetPipeline.__call__`] (``image``, ``controlnet_conditioning_scale``,
+    ``guess_mode``, ``control_guidance_start``, ``control_guidance_end``).  Guidance terms add up:
+
+        eps = eps_u + w (eps_c - eps_u) + s_seg (eps_c - eps_seg) + s_pag (eps_c - eps_pag)
+              + s_sag (eps_u - eps_sag)
+
+    (without CFG, ``eps_c`` replaces ``eps_u``).  Each is off at scale 0; with all at 0 the pipeline gives
+    exactly what StableDiffusionXLPipeline (or its ControlNet variant) gives.
+    """
+
+    _optional_components = StableDiffusionXLPipeline._optional_components + ["controlnet"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        controlnet: ControlNetModel | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        super().__init__(
+            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+            image_encoder=image_encoder, feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
+        )
+        if controlnet is not None and not isinstance(controlnet, ControlNetModel):
+            raise ValueError(f"controlnet must be a diffusers ControlNetModel, got {type(controlnet).__name__}")
+        self.register_modules(controlnet=controlnet)
+        self.control_image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
+
+    def prepare_control_image(self, image, width, height, batch_size, num_images_per_prompt, device, dtype):
+        """The control image as diffusers' SDXL ControlNet pipeline prepares it: one row per image."""
+        image = self.control_image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+        repeat_by = batch_size if image.shape[0] == 1 else num_images_per_prompt
+        return image.repeat_interleave(repeat_by, dim=0).to(device=device, dtype=dtype)
+
+    def _check_call(self, height, width, num_inference_steps, guidance_scale, guidance_rescale, image,
+                    controlnet_conditioning_scale, control_guidance_start, control_guidance_end):
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
+                raise ValueError(f"{name} must be a positive multiple of 8 (at least 8), got {value!r}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {num_inference_steps!r}")
+        check_scale("guidance_scale", guidance_scale)
+        check_scale("guidance_rescale", guidance_rescale, 1.0)
+        if self.controlnet is None and image is not None:
+            raise ValueError("a control `image` was given, but this pipeline has no `controlnet` component")
+        if self.controlnet is not None:
+            if image is None:
+                raise ValueError("this pipeline has a ControlNet: pass the control `image`")
+            check_scale("controlnet_conditioning_scale", controlnet_conditioning_scale, 10.0)
+            check_interval(control_guidance_start, control_guidance_end, "control_guidance")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        # ControlNet
+        image=None,
+        controlnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        # Guidance
+        seg_scale: float = 3.0,
+        seg_blur_sigma: float = math.inf,
+        seg_applied_layers: Sequence[str] = ("mid",),
+        seg_blur_target: str = "query",
+        seg_blur_kernel: str = "paper",
+        pag_scale: float = 0.0,
+        pag_applied_layers: Sequence[str] = ("mid",),
+        pag_adaptive_scale: float = 0.0,
+        sag_scale: float = 0.0,
+        sag_blur_sigma: float = 1.0,
+        perturbation_guidance_start: float = 0.0,
+        perturbation_guidance_end: float = 1.0,
+        guidance_methods: Sequence[GuidanceMethod] | None = None,
+        **kwargs,
+    ):
+        r"""Generate images. Arguments not listed here are those of `StableDiffusionXLPipeline.__call__`.
+
+        Args:
+            image (`PipelineImageInput`, *optional*): the control image; required when the pipeline has a
+                `controlnet`, refused otherwise.
+            controlnet_conditioning_scale (`float`, defaults to 1.0): ControlNet residual scale, in [0, 10].
+            guess_mode (`bool`, defaults to False): ControlNet guess mode, as in diffusers.
+            control_guidance_start / control_guidance_end (`float`, defaults to 0.0 / 1.0): the fraction of
+                steps in which the ControlNet is applied.
+            seg_scale (`float`, defaults to 3.0): SEG scale `s` of Eq. 10, in [0, 100]; 0 turns SEG off.
+            seg_blur_sigma (`float`, defaults to `math.inf`): standard deviation of the query blur in tokens;
+                any value > 9999 (or `math.inf`) means infinite (every query the mean query); 0 no blur.
+            seg_applied_layers (`list[str]`, defaults to `["mid"]`): self-attention layers SEG changes:
+                "down", "mid", "up", or single layers "d<i>", "m<i>", "u<i>".
+            seg_blur_target (`str`, defaults to "query"): "query" (the paper), or "key" (its ablation).
+            seg_blur_kernel (`str`, defaults to "paper"): "paper" reproduces the authors' truncated, clamped
+                kernel; "untruncated" uses the full Gaussian, the same blur at any resolution, and tends to
+                the infinite-sigma result as sigma grows.
+            pag_scale (`float`, defaults to 0.0): PAG scale, in [0, 100]; 0 turns PAG off.
+            pag_applied_layers (`list[str]`, defaults to `["mid"]`): layers PAG changes (same names as SEG).
+            pag_adaptive_scale (`float`, defaults to 0.0): diffusers' adaptive PAG scale, in [0, 1].
+            sag_scale (`float`, defaults to 0.0): SAG scale, in [0, 100]; 0 turns SAG off.
+            sag_blur_sigma (`float`, defaults to 1.0): SAG's blur of the predicted x0, in (0, 10].
+            perturbation_guidance_start / perturbation_guidance_end (`float`, defaults to 0.0 / 1.0): the
+                fraction of steps in which the SEG, PAG and SAG terms are applied.
+            guidance_methods (`list[GuidanceMethod]`, *optional*): method objects to use instead of the
+                `seg_*`, `pag_*` and `sag_*` arguments.
+        """
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", None)
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        self._check_call(height, width, num_inference_steps, guidance_scale, guidance_rescale, image,
+                         controlnet_conditioning_scale, control_guidance_start, control_guidance_end)
+        if guidance_methods is None:
+            guidance_methods = build_guidance_methods(
+                seg_scale, seg_blur_sigma, seg_applied_layers, seg_blur_target, seg_blur_kernel,
+                pag_scale, pag_applied_layers, pag_adaptive_scale, sag_scale, sag_blur_sigma,
+                perturbation_guidance_start, perturbation_guidance_end,
+            )
+        guidance_methods = [m for m in guidance_methods if m.scale > 0]
+        for method in guidance_methods:
+            method.bind(self.unet)
+
+        controlnet = self.controlnet
+        if controlnet is None:
+            height = height or self.default_sample_size * self.vae_scale_factor
+            width = width or self.default_sample_size * self.vae_scale_factor
+        original_size_given = original_size
+
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._denoising_end = denoising_end
+        self._interrupt = False
+        # SAG and guidance-rescale read the CFG flag; diffusers' rule (off for guidance-distilled UNets).
+        do_cfg = self.do_classifier_free_guidance
+
+        if prompt is not None and isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            if prompt_embeds is None:
+                raise ValueError("pass `prompt` (a string or list of strings; '' for unconditional) or `prompt_embeds`")
+            batch_size = prompt_embeds.shape[0]
+        rows = batch_size * num_images_per_prompt
+        device = self._execution_device
+
+        control_image, guess = None, False
+        if controlnet is not None:
+            guess = guess_mode or controlnet.config.global_pool_conditions
+            control_image = self.prepare_control_image(
+                image, width, height, rows, num_images_per_prompt, device, controlnet.dtype
+            )
+            height, width = control_image.shape[-2:]
+        original_size = original_size_given or (height, width)
+        target_size = target_size or (height, width)
+
+        self.check_inputs(
+            prompt, prompt_2, height, width, callback_steps, negative_prompt, negative_prompt_2,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
+        )
+
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=lora_scale, clip_skip=self.clip_skip,
+        )
+
+        timestep_device = "cpu" if device.type == "neuron" else device
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, timestep_device, timesteps, sigmas
+        )
+        latents = self.prepare_latents(
+            rows, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
+        )
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        if self.text_encoder_2 is None:
+            projection_dim = int(pooled_prompt_embeds.shape[-1])
+        else:
+            projection_dim = self.text_encoder_2.config.projection_dim
+        add_time_ids = self._get_add_time_ids(
+            original_size, crops_coords_top_left, target_size, dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        )
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_add_time_ids = self._get_add_time_ids(
+                negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim,
+            )
+        else:
+            negative_add_time_ids = add_time_ids
+
+        # Conditioning by role: branch k of a UNet call gets the tensors of its role.
+        conditioning = {
+            "cond": {
+                "prompt_embeds": prompt_embeds.to(device),
+                "text_embeds": pooled_prompt_embeds.to(device),
+                "time_ids": add_time_ids.to(device).repeat(rows, 1),
+            }
+        }
+        if do_cfg:
+            conditioning["uncond"] = {
+                "prompt_embeds": negative_prompt_embeds.to(device),
+                "text_embeds": negative_pooled_prompt_embeds.to(device),
+                "time_ids": negative_add_time_ids.to(device).repeat(rows, 1),
+            }
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, rows, do_cfg
+            )
+            for embeds in image_embeds:
+                halves = embeds.chunk(2) if do_cfg else (None, embeds)
+                for role, half in zip(("uncond", "cond"), halves):
+                    if half is not None:
+                        conditioning[role].setdefault("image_embeds", []).append(half)
+
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        if denoising_end is not None and isinstance(denoising_end, float) and 0 < denoising_end < 1:
+            cutoff = int(round(self.scheduler.config.num_train_timesteps * (1 - denoising_end)))
+            num_inference_steps = len([ts for ts in timesteps if ts >= cutoff])
+            timesteps = timesteps[:num_inference_steps]
+
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(rows)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        controlnet_keep = [
+            1.0 - float(i / len(timesteps) < control_guidance_start or (i + 1) / len(timesteps) > control_guidance_end)
+            for i in range(len(timesteps))
+        ]
+        control_scale = 0.0
+
+        def model(x: torch.Tensor, t, roles: Sequence[str]) -> torch.Tensor:
+            """One UNet call (with ControlNet residuals) on branches conditioned by ``roles``."""
+            def gather(key):
+                return torch.cat([conditioning[role][key] for role in roles])
+
+            added_cond_kwargs = {"text_embeds": gather("text_embeds"), "time_ids": gather("time_ids")}
+            if "image_embeds" in conditioning["cond"]:
+                added_cond_kwargs["image_embeds"] = [
+                    torch.cat([conditioning[role]["image_embeds"][k] for role in roles])
+                    for k in range(len(conditioning["cond"]["image_embeds"]))
+                ]
+            encoder_hidden_states = gather("prompt_embeds")
+            residuals = {}
+            if controlnet is not None:
+                # Guess mode feeds the ControlNet only the conditional rows; the others get zeros.
+                rows_in = [k for k, role in enumerate(roles) if role == "cond"] if guess else range(len(roles))
+                pick = lambda tensor: torch.cat([tensor.chunk(len(roles))[k] for k in rows_in])  # noqa: E731
+                down, mid = controlnet(
+                    pick(x), t,
+                    encoder_hidden_states=pick(encoder_hidden_states),
+                    controlnet_cond=torch.cat([control_image] * len(rows_in)),
+                    conditioning_scale=control_scale,
+                    guess_mode=guess,
+                    added_cond_kwargs={k: pick(added_cond_kwargs[k]) for k in ("text_embeds", "time_ids")},
+                    return_dict=False,
+                )
+                if guess and len(rows_in) < len(roles):
+                    down = [_scatter_rows(d, rows_in, len(roles)) for d in down]
+                    mid = _scatter_rows(mid, rows_in, len(roles))
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            return self.unet(
+                x, t,
+                encoder_hidden_states=encoder_hidden_states,
+                timestep_cond=None if timestep_cond is None else torch.cat([timestep_cond] * len(roles)),
+                cross_attention_kwargs=cross_attention_kwargs,
+                added_cond_kwargs=added_cond_kwargs,
+                return_dict=False,
+                **residuals,
+            )[0]
+
+        plan = BranchPlan()
+        guided = GuidedStep(guidance_methods, plan, guidance_scale, do_cfg, guidance_rescale)
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        with patched_self_attention(self.unet, guided.patched_layers(), plan), \
+                self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                control_scale = controlnet_conditioning_scale * controlnet_keep[i]
+                x = self.scheduler.scale_model_input(latents, t)
+                noise_pred = guided(model, x, t, i, len(timesteps), self.scheduler)
+
+                latents_dtype = latents.dtype
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if latents.dtype != latents_dtype and torch.backends.mps.is_available():
+                    latents = latents.to(latents_dtype)
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = self._callback_tensors(callback_on_step_end_tensor_inputs, latents, conditioning, do_cfg)
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = outputs.pop("latents", latents)
+                    self._apply_callback_tensors(outputs, conditioning, do_cfg)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+                    if callback is not None and i % callback_steps == 0:
+                        callback(i // getattr(self.scheduler, "order", 1), t, latents)
+
+        image = latents if output_type == "latent" else self.decode_latents_to_images(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return StableDiffusionXLPipelineOutput(images=image)
+
+    _callback_roles = {"prompt_embeds": "prompt_embeds", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
+
+    def _callback_tensors(self, names, latents, conditioning, do_cfg):
+        """The tensors callbacks ask for, laid out as in diffusers ([uncond, cond] with CFG)."""
+        tensors = {"latents": latents}
+        for name, key in self._callback_roles.items():
+            parts = [conditioning[r][key] for r in (("uncond", "cond") if do_cfg else ("cond",))]
+            tensors[name] = torch.cat(parts)
+        return {name: tensors[name] for name in names}
+
+    def _apply_callback_tensors(self, outputs, conditioning, do_cfg):
+        for name, key in self._callback_roles.items():
+            if name in outputs:
+                roles = ("uncond", "cond") if do_cfg else ("cond",)
+                for role, part in zip(roles, outputs[name].chunk(len(roles))):
+                    conditioning[role][key] = part
+
+    def decode_latents_to_images(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Decode latents with the VAE exactly as StableDiffusionXLPipeline does, then post-process."""
+        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if needs_upcasting:
+            self.upcast_vae()
+            latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+        elif latents.dtype != self.vae.dtype and torch.backends.mps.is_available():
+            self.vae = self.vae.to(latents.dtype)
+        mean = getattr(self.vae.config, "latents_mean", None)
+        std = getattr(self.vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / self.vae.config.scaling_factor + mean
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        latents = latents.to(get_module_execution_device(self.vae))
+        image = self.vae.decode(latents, return_dict=False)[0]
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float16)
+        if self.watermark is not None:
+            image = self.watermark.apply_watermark(image)
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+
+def _scatter_rows(tensor: torch.Tensor, rows_in: Sequence[int], num_branches: int) -> torch.Tensor:
+    """Put the branches of ``tensor`` back at positions ``rows_in`` among ``num_branches``, zeros elsewhere."""
+    chunks = tensor.chunk(len(rows_in))
+    zero = torch.zeros_like(chunks[0])
+    lookup = dict(zip(rows_in, chunks))
+    return torch.cat([lookup.get(k, zero) for k in range(num_branches)])

@@ -1,0 +1,89 @@
+"""A tiny random-weight model in SDXL's exact architecture, built in code (no files, no network).
+
+It draws noise, not pictures: it exists so that every code path (two text encoders, text_time
+conditioning, the VAE, ControlNet) runs in a fraction of a second on a CPU, deterministically.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TINY_SIZE = 64  # pixels; the tiny VAE downsamples 2x, so the latent is 32x32 and the mid grid 16x16
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from bytes to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def byte_level_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """A CLIP tokenizer over single bytes: 256 symbols, the same with "</w>", and the two specials."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
+
+
+def _text_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4,
+        num_hidden_layers=5, vocab_size=vocab_size, hidden_act="gelu", projection_dim=32,
+    )
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """The components of a StableDiffusionXLPipeline, tiny and seeded (same seed, same weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=TINY_SIZE // 2,
+            in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=1,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=[32, 64], in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+            latent_channels=4, sample_size=TINY_SIZE,
+        )
+        tokenizer = byte_level_tokenizer()
+        text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer)))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading",
+    )
+    return {
+        "unet": unet.eval(), "vae": vae.eval(), "scheduler": scheduler,
+        "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2.eval(), "tokenizer_2": byte_level_tokenizer(),
+        "image_encoder": None, "feature_extractor": None,
+    }
+
+
+def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetModel:
+    """A ControlNet for the tiny UNet whose zero-initialised output convolutions are made non-zero,
+    so that the control image visibly changes the result (a trained ControlNet's would be)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        for name, param in controlnet.named_parameters():
+            if "zero_conv" in name or "controlnet_mid_block" in name or "conv_out" in name:
+                torch.nn.init.normal_(param, std=0.05)
+    return controlnet.eval()
