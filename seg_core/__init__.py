@@ -1,0 +1,28 @@
+"""Smoothed Energy Guidance (Hong, NeurIPS 2024) for Stable Diffusion XL, with PAG and SAG to compare."""
+
+from .blur import INFINITE_SIGMA_THRESHOLD, blur_tokens, is_infinite_sigma, paper_kernel_size
+from .guidance import classifier_free_guidance, smoothed_energy_guidance, weakened_model_guidance
+from .methods import PAG, SAG, SEG, GuidanceMethod
+from .pipeline import StableDiffusionXLSEGPipeline, build_guidance_methods
+from .presets import CONTROLNETS, MODELS, load_pipeline, pick_runtime, preprocess_control
+
+__all__ = [
+    "INFINITE_SIGMA_THRESHOLD",
+    "CONTROLNETS",
+    "MODELS",
+    "GuidanceMethod",
+    "PAG",
+    "SAG",
+    "SEG",
+    "StableDiffusionXLSEGPipeline",
+    "blur_tokens",
+    "build_guidance_methods",
+    "classifier_free_guidance",
+    "is_infinite_sigma",
+    "load_pipeline",
+    "paper_kernel_size",
+    "pick_runtime",
+    "preprocess_control",
+    "smoothed_energy_guidance",
+    "weakened_model_guidance",
+]

@@ -350,9 +350,9 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                 ]
             encoder_hidden_states = gather("prompt_embeds")
             residuals = {}
-            if controlnet is not None:
-                # Guess mode feeds the ControlNet only the conditional rows; the others get zeros.
-                rows_in = [k for k, role in enumerate(roles) if role == "cond"] if guess else range(len(roles))
+            # Guess mode feeds the ControlNet only the conditional rows; the others get zeros.
+            rows_in = [k for k, role in enumerate(roles) if role == "cond"] if guess else range(len(roles))
+            if controlnet is not None and rows_in:
                 pick = lambda tensor: torch.cat([tensor.chunk(len(roles))[k] for k in rows_in])  # noqa: E731
                 down, mid = controlnet(
                     pick(x), t,

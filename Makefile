@@ -1,0 +1,26 @@
+# Two commands: `make demo` (set up and launch the app) and `make test` (set up and run the tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= sdxl
+ARGS ?=
+export HF_HUB_DISABLE_TELEMETRY := 1
+export GRADIO_ANALYTICS_ENABLED := False
+
+.PHONY: setup demo test bench
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) app.py --model $(MODEL) $(ARGS)
+
+test: setup
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(ARGS)
+
+bench: setup
+	OMP_NUM_THREADS=2 $(PY) bench/guidance_cost.py --quick

@@ -1,0 +1,150 @@
+"""Model presets shared by the app and scripts: what to load, on which device, in which dtype."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .pipeline import StableDiffusionXLSEGPipeline
+from .tiny import tiny_controlnet, tiny_sdxl_components
+
+logger = logging.getLogger(__name__)
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
+DEPTH_ESTIMATOR = "Intel/dpt-hybrid-midas"
+
+#: Named models: ``sdxl`` (SDXL base 1.0, the default) and ``tiny`` (random weights built in code).
+MODELS = {"sdxl": SDXL_BASE, "tiny": None}
+
+#: ControlNets for SDXL, with the preprocessor each expects.
+CONTROLNETS = {
+    "canny": "diffusers/controlnet-canny-sdxl-1.0",
+    "depth": "diffusers/controlnet-depth-sdxl-1.0",
+}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_runtime(device: str | None = None, dtype: torch.dtype | None = None) -> Runtime:
+    """CUDA in fp16, else Apple MPS in fp16, else the CPU in fp32 (unless told otherwise)."""
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    return Runtime(device, dtype)
+
+
+def load_pipeline(
+    model: str = "sdxl",
+    controlnet: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> StableDiffusionXLSEGPipeline:
+    """Load a StableDiffusionXLSEGPipeline.
+
+    Args:
+        model: "sdxl", "tiny", or any SDXL Hub id or local folder (safetensors weights only).
+        controlnet: None, "canny", "depth", or a ControlNet Hub id or local folder. With ``model="tiny"``
+            "canny" and "depth" give a tiny random ControlNet.
+        device, dtype: by default picked by :func:`pick_runtime`.
+    """
+    runtime = pick_runtime(device, dtype)
+    if model == "tiny":
+        components = tiny_sdxl_components()
+        net = tiny_controlnet(components["unet"]) if controlnet else None
+        pipe = StableDiffusionXLSEGPipeline(**components, controlnet=net, add_watermarker=False)
+        if runtime.dtype != torch.float32:
+            pipe = pipe.to(dtype=runtime.dtype)
+        return pipe.to(runtime.device)
+
+    repo = MODELS.get(model, model)
+    extra = {"controlnet": None}  # a saved folder's own ControlNet is used only when asked for
+    if controlnet is not None:
+        from diffusers import ControlNetModel
+
+        net_repo = CONTROLNETS.get(controlnet, controlnet)
+        extra["controlnet"] = ControlNetModel.from_pretrained(
+            net_repo, torch_dtype=runtime.dtype, use_safetensors=True, **_variant(net_repo, runtime)
+        )
+    if runtime.dtype == torch.float16 and repo == SDXL_BASE:
+        from diffusers import AutoencoderKL
+
+        # SDXL's own VAE overflows in fp16; this fine-tune does not.
+        extra["vae"] = AutoencoderKL.from_pretrained(SDXL_FP16_VAE, torch_dtype=runtime.dtype, use_safetensors=True)
+    pipe = StableDiffusionXLSEGPipeline.from_pretrained(
+        repo, torch_dtype=runtime.dtype, use_safetensors=True, **_variant(repo, runtime), **extra
+    )
+    return pipe.to(runtime.device)
+
+
+def _variant(repo: str, runtime: Runtime) -> dict:
+    """Ask for the fp16 files of Hub repos that have them; local folders load as saved."""
+    if runtime.dtype == torch.float16 and not os.path.isdir(repo):
+        return {"variant": "fp16"}
+    return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Control-image preprocessors
+# --------------------------------------------------------------------------------------------------
+
+
+def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """Canny edges (OpenCV) as a 3-channel image, the input diffusers' canny SDXL ControlNet expects."""
+    import cv2
+
+    gray = np.asarray(image.convert("L"))
+    edges = cv2.Canny(gray, low, high)
+    return Image.fromarray(np.stack([edges] * 3, axis=-1))
+
+
+_depth_models: dict = {}
+
+
+def depth_map(image: Image.Image) -> Image.Image:
+    """Relative depth (DPT-Hybrid MiDaS) normalised to [0, 255], 3 channels. Needs the estimator's
+    weights (Hub or cache); raises RuntimeError naming the model when they cannot be loaded."""
+    from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+    if DEPTH_ESTIMATOR not in _depth_models:
+        try:
+            _depth_models[DEPTH_ESTIMATOR] = (
+                DPTImageProcessor.from_pretrained(DEPTH_ESTIMATOR),
+                DPTForDepthEstimation.from_pretrained(DEPTH_ESTIMATOR).eval(),
+            )
+        except Exception as error:  # no network, no cache
+            raise RuntimeError(f"the depth estimator {DEPTH_ESTIMATOR} could not be loaded: {error}") from error
+    processor, estimator = _depth_models[DEPTH_ESTIMATOR]
+    rgb = image.convert("RGB")
+    with torch.no_grad():
+        depth = estimator(**processor(images=rgb, return_tensors="pt")).predicted_depth
+    depth = torch.nn.functional.interpolate(depth[:, None], size=rgb.size[::-1], mode="bicubic")[0, 0]
+    depth = (depth - depth.min()) / (depth.max() - depth.min()).clamp(min=1e-8)
+    array = (depth.clamp(0, 1).numpy() * 255).astype(np.uint8)
+    return Image.fromarray(np.stack([array] * 3, axis=-1))
+
+
+PREPROCESSORS = {"canny": canny_edges, "depth": depth_map}
+
+
+def preprocess_control(kind: str, image: Image.Image) -> Image.Image:
+    """The control map for ControlNet ``kind`` ("canny" or "depth") from an input image."""
+    if kind not in PREPROCESSORS:
+        raise ValueError(f"unknown control type {kind!r}: expected one of {sorted(PREPROCESSORS)}")
+    return PREPROCESSORS[kind](image)
