@@ -72,7 +72,7 @@ class GuidanceMethod:
     """One additive guidance term, active on the steps in [start, end) of the schedule."""
 
     name = "method"
-    layers_spec: Sequence[str] = ()
+    layers_spec: Sequence[str] | None = None  # the attention layers the method changes, if any
 
     def __init__(self, scale: float, start: float = 0.0, end: float = 1.0):
         self.scale = check_scale(f"{self.name}_scale", scale)
@@ -87,7 +87,7 @@ class GuidanceMethod:
 
     def bind(self, unet: torch.nn.Module) -> None:
         """Resolve layer names against ``unet`` (raises ValueError for unknown ones)."""
-        self.layers = resolve_layers(unet, self.layers_spec) if self.layers_spec else []
+        self.layers = [] if self.layers_spec is None else resolve_layers(unet, self.layers_spec)
 
     # A method with an extra branch in the main call returns its AttentionChange here.
     def branch_change(self) -> AttentionChange | None:

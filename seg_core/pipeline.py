@@ -6,12 +6,20 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import get_module_execution_device
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from .attention import BranchPlan, patched_self_attention
 from .methods import PAG, SAG, SEG, GuidanceMethod, GuidedStep, check_interval, check_scale
@@ -64,15 +72,15 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        text_encoder_2,
-        tokenizer,
-        tokenizer_2,
-        unet,
-        scheduler,
-        image_encoder=None,
-        feature_extractor=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
         controlnet: ControlNetModel | None = None,
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,

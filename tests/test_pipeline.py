@@ -1,0 +1,215 @@
+"""Pipeline behaviour: state restored, calls independent, errors clear, loading through the real code."""
+
+import math
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from conftest import generator
+from seg_core import StableDiffusionXLSEGPipeline, load_pipeline, smoothed_energy_guidance
+from seg_core.attention import resolve_layers, token_grid
+from seg_core.methods import GuidanceMethod
+
+RUN = dict(num_inference_steps=3, output_type="latent")
+
+
+def run(pipe, prompt="a red bicycle", **kwargs):
+    return pipe(prompt, generator=generator(), **{**RUN, **kwargs}).images
+
+
+def differs(a, b, at_least=1e-4):
+    return ((a - b).norm() / b.norm()).item() > at_least
+
+
+class CountingProcessor(AttnProcessor2_0):
+    """A user's own processor: standard attention that counts the rows it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        self.rows += hidden_states.shape[0]
+        return super().__call__(attn, hidden_states, *args, **kwargs)
+
+
+def processors(pipe):
+    return dict(pipe.unet.attn_processors)
+
+
+def test_user_processors_survive_and_serve_the_unchanged_branches(pipe):
+    mid = resolve_layers(pipe.unet, ["m0"])[0]
+    mine = CountingProcessor()
+    pipe.unet.set_attn_processor({**processors(pipe), mid + ".processor": mine})
+    before = processors(pipe)
+    run(pipe, seg_scale=3.0, pag_scale=1.0)
+    assert processors(pipe) == before
+    assert processors(pipe)[mid + ".processor"] is mine
+    assert mine.rows == 3 * 2  # 3 steps x [uncond, cond]; the SEG and PAG branches are changed
+
+
+def test_processors_restored_when_a_step_raises(pipe):
+    before = processors(pipe)
+
+    def explode(pipeline, step, t, tensors):
+        raise RuntimeError("user callback failed")
+
+    with pytest.raises(RuntimeError, match="user callback failed"):
+        run(pipe, seg_scale=3.0, sag_scale=1.0, callback_on_step_end=explode)
+    assert processors(pipe) == before
+    run(pipe, seg_scale=0)  # and the next call works
+
+
+def test_calls_do_not_influence_each_other(pipe):
+    first = run(pipe, seg_blur_sigma=1.0)
+    run(pipe, seg_blur_sigma=math.inf, pag_scale=2.0, sag_scale=1.0, seg_applied_layers=["up"])
+    torch.testing.assert_close(run(pipe, seg_blur_sigma=1.0), first, rtol=0, atol=0)
+
+
+def test_batches_match_single_images(pipe):
+    prompts = ["a red bicycle", "a blue house"]
+    batch = pipe(prompts, generator=[generator(0), generator(1)], seg_blur_sigma=2.0, sag_scale=0.5,
+                 pag_scale=1.0, **RUN).images
+    for k, prompt in enumerate(prompts):
+        single = pipe(prompt, generator=generator(k), seg_blur_sigma=2.0, sag_scale=0.5, pag_scale=1.0, **RUN).images
+        torch.testing.assert_close(batch[k : k + 1], single, rtol=1e-4, atol=1e-5)
+
+
+def test_every_option_changes_the_result(pipe):
+    base = run(pipe, seg_scale=0)
+    seg = run(pipe, seg_blur_sigma=2.0)
+    assert differs(seg, base)
+    assert differs(run(pipe, seg_blur_sigma=2.0, seg_blur_target="key"), seg)
+    assert differs(run(pipe, seg_blur_sigma=2.0, seg_blur_kernel="untruncated"), seg, 1e-6)
+    assert differs(run(pipe, seg_blur_sigma=2.0, seg_applied_layers=["down", "u3"]), seg)
+    halfway = run(pipe, seg_blur_sigma=2.0, perturbation_guidance_end=0.6)
+    assert differs(halfway, seg) and differs(halfway, base)
+    late = run(pipe, seg_blur_sigma=2.0, perturbation_guidance_start=0.3)
+    assert differs(late, seg) and differs(late, base)
+
+
+def test_untruncated_kernel_is_continuous_at_infinity(pipe):
+    inf = run(pipe)
+    assert not differs(run(pipe, seg_blur_sigma=5000.0, seg_blur_kernel="untruncated"), inf, 1e-6)
+    assert differs(run(pipe, seg_blur_sigma=5000.0), inf, 1e-5)  # the paper's kernel jumps at 9999
+
+
+def test_empty_prompt_is_unconditional_and_callbacks_see_latents(pipe):
+    seen = []
+
+    def record(pipeline, step, t, tensors):
+        seen.append(step)
+        return {"latents": tensors["latents"]}
+
+    out = run(pipe, prompt="", callback_on_step_end=record)
+    assert seen == [0, 1, 2] and torch.isfinite(out).all()
+
+
+def test_custom_method_through_the_shared_interface(pipe):
+    class NegatedCFG(GuidanceMethod):
+        """Guides away from the unconditional prediction: a term of scale * (eps_c - eps_u)."""
+
+        name = "negcfg"
+
+        def reference_prediction(self, state):
+            return state.outputs["cond"]
+
+        def weak_prediction(self, state):
+            return state.outputs["uncond"]
+
+    method = NegatedCFG(2.0)
+    a = run(pipe, guidance_scale=5.0, guidance_methods=[method])
+    b = run(pipe, guidance_scale=7.0, seg_scale=0)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_equation_10():
+    e_u, e_c, e_s = torch.randn(3, 4, 8)
+    expected = e_u + 5.0 * (e_c - e_u) + 3.0 * (e_c - e_s)
+    torch.testing.assert_close(smoothed_energy_guidance(e_c, e_s, 3.0, e_u, 5.0), expected)
+    torch.testing.assert_close(smoothed_energy_guidance(e_c, e_s, 3.0), e_c + 3.0 * (e_c - e_s))
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
+                                  (1344, 768), (768, 1344), (1536, 640), (640, 1536), (1000, 600)])
+def test_token_grid_for_every_sdxl_bucket(size):
+    latent = (size[0] // 8, size[1] // 8)
+    for factor in (1, 2, 4):  # SDXL's three UNet levels
+        h, w = math.ceil(latent[0] / factor), math.ceil(latent[1] / factor)
+        assert token_grid(h * w, latent) == (h, w)
+
+
+def test_non_square_and_odd_grids_run(pipe):
+    for height, width in ((48, 96), (96, 40), (72, 56)):  # 56 / 2 = 28 -> 14; 72/2 = 36 -> 18
+        base = run(pipe, seg_scale=0, height=height, width=width)
+        assert differs(run(pipe, seg_blur_sigma=3.0, height=height, width=width), base)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seg_applied_layers=["mid", "x3"]), r"unknown attention layer 'x3'; allowed: 'down', 'mid', 'up', 'd0'..'d3', 'm0'..'m1', 'u0'..'u5'"),
+        (dict(seg_applied_layers=["m7"]), r"unknown attention layer 'm7'"),
+        (dict(pag_scale=1.0, pag_applied_layers=[]), r"at least one layer"),
+        (dict(seg_blur_sigma=-1.0), r"seg_blur_sigma must be >= 0 .* got -1.0"),
+        (dict(seg_blur_sigma=float("nan")), r"seg_blur_sigma must be a number >= 0 .* got nan"),
+        (dict(seg_scale=-0.5), r"seg_scale must be in \[0, 100\], got -0.5"),
+        (dict(pag_scale=float("nan")), r"pag_scale must be a finite number in \[0, 100\], got nan"),
+        (dict(sag_scale=float("inf")), r"sag_scale must be a finite number"),
+        (dict(guidance_scale=-1.0), r"guidance_scale must be in \[0, 100\], got -1.0"),
+        (dict(sag_scale=1.0, sag_blur_sigma=0.0), r"sag_blur_sigma must be in \(0, 10\], got 0.0"),
+        (dict(height=60), r"height must be a positive multiple of 8 .* got 60"),
+        (dict(width=0), r"width must be a positive multiple of 8 .* got 0"),
+        (dict(num_inference_steps=0), r"num_inference_steps must be an integer in \[1, 1000\], got 0"),
+        (dict(seg_blur_target="value"), r"seg_blur_target must be 'query' or 'key', got 'value'"),
+        (dict(seg_blur_kernel="box"), r"seg_blur_kernel must be one of"),
+        (dict(perturbation_guidance_start=0.8, perturbation_guidance_end=0.2), r"perturbation_guidance_start \(0.8\) must be below"),
+        (dict(image=object()), r"no `controlnet` component"),
+    ],
+)
+def test_bad_arguments_name_the_value_and_range(pipe, kwargs, message):
+    before = processors(pipe)
+    with pytest.raises(ValueError, match=message):
+        run(pipe, **kwargs)
+    assert processors(pipe) == before
+
+
+def test_controlnet_pipeline_requires_a_control_image(components, controlnet):
+    pipe = StableDiffusionXLSEGPipeline(**components, controlnet=controlnet)
+    with pytest.raises(ValueError, match="pass the control `image`"):
+        run(pipe)
+
+
+def test_save_and_load_through_the_real_loading_code(tmp_path, pipe, controlnet):
+    pipe.save_pretrained(tmp_path / "model")
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = load_pipeline(str(tmp_path / "model"), device="cpu")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded, StableDiffusionXLSEGPipeline) and loaded.controlnet is None
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        saved, back = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert all(torch.equal(saved[k], back[k]) for k in saved), name
+    # (transformers may pick another attention kernel for loaded text encoders: float-level differences)
+    torch.testing.assert_close(run(loaded, seg_blur_sigma=2.0), run(pipe, seg_blur_sigma=2.0), rtol=1e-4, atol=1e-4)
+    with_net = load_pipeline(str(tmp_path / "model"), controlnet=str(tmp_path / "controlnet"), device="cpu")
+    assert with_net.controlnet is not None
+
+
+def test_loads_a_plain_sdxl_folder_and_from_pipe(tmp_path, components):
+    sdxl = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    sdxl.save_pretrained(tmp_path / "sdxl")  # model_index.json of StableDiffusionXLPipeline, no controlnet
+    loaded = StableDiffusionXLSEGPipeline.from_pretrained(tmp_path / "sdxl", use_safetensors=True)
+    assert loaded.controlnet is None
+    derived = StableDiffusionXLSEGPipeline.from_pipe(sdxl)
+    assert derived.unet is sdxl.unet
+    derived.set_progress_bar_config(disable=True)
+    assert torch.isfinite(run(derived)).all()
+
+
+def test_tiny_preset_is_deterministic():
+    a, b = load_pipeline("tiny", device="cpu"), load_pipeline("tiny", device="cpu")
+    for pa, pb in zip(a.unet.parameters(), b.unet.parameters()):
+        assert torch.equal(pa, pb)
