@@ -1,0 +1,438 @@
+"""Gradio demo of Smoothed Energy Guidance (SEG) for SDXL, with vanilla SDXL, SAG and PAG to compare.
+
+UI only: layout, events and input checks. Generation (seeds, progress, UNet counting, grids, PNG
+metadata, the per-model lock) lives in seg_core.studio.  `python app.py --help` lists the flags.
+"""
+
+from __future__ import annotations
+
+try:  # on a ZeroGPU Space `spaces` must be imported before anything initialises CUDA
+    import spaces  # noqa: F401
+except ImportError:
+    pass
+
+import argparse
+import dataclasses
+import functools
+import html
+import inspect
+import math
+import os
+import random
+import re
+from pathlib import Path
+
+import gradio as gr
+
+from seg_core.studio import (
+    CONTROL_TYPES,
+    GPU,
+    Settings,
+    Studio,
+    depth_available,
+    format_sigma,
+    parse_sigma,
+    parse_values,
+)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+PAPER_URL = "https://arxiv.org/abs/2408.00760"
+QUEUE_SIZE = 16
+SWEEP_AXES = {"none": "none", "SEG scale": "seg_scale", "CFG scale": "guidance_scale"}
+
+# Prompts in the spirit of the paper's figures; the empty one is unconditional generation (Table 1).
+EXAMPLES = [
+    ["a jellyfish playing the drums", "", 1.0],
+    ["a corgi wearing a red scarf, sitting in a snowy forest", "", 1.0],
+    ["a vintage car parked in front of a small cottage, golden hour", "", 1.0],
+    ["a bowl of ramen on a wooden table, studio photograph", "blurry, low quality", 5.0],
+    ["", "", 1.0],
+]
+
+BANNER_STYLE = ("border: 2px solid #e0a800; background: #fff8e1; color: #5d4300; border-radius: 8px; "
+                "padding: 8px 14px; line-height: 1.45")
+
+
+def banner_html(markdown: str) -> str:
+    """The studio's banner (bold, code and paragraphs only) as an HTML box that needs no CSS file."""
+    text = html.escape(markdown)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    paragraphs = "".join(f"<p style='margin: 4px 0'>{p}</p>" for p in text.split("\n\n"))
+    return f"<div role='alert' style='{BANNER_STYLE}'>{paragraphs}</div>"
+
+
+def sigma_label(log2_sigma: float, infinite: bool) -> str:
+    if infinite:
+        return "Blur σ = ∞ (untick 'infinite' to use the slider)"
+    return f"Blur σ = {2 ** log2_sigma:.4g}   (slider in log₂ σ: 0 → 1, 2 → 4, 4 → 16, ...)"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in str(text).lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise gr.Error(f"size must look like 1024x1024, got {text!r}") from None
+    return width, height
+
+
+def show_errors(fn):
+    """Library errors (ValueError naming the bad value, RuntimeError for what cannot be loaded) -> gr.Error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, RuntimeError, OSError) as error:
+            raise gr.Error(str(error), print_exception=False) from error
+
+    return wrapper
+
+
+def progress_reporter(progress: gr.Progress):
+    return lambda done, total, label: progress((done, total), desc=f"{label}: step {done}/{total}", unit="steps")
+
+
+def run_table(runs) -> str:
+    rows = ["| Method | Time (s) | UNet evaluations | per step |", "|---|---:|---:|---:|"]
+    for run in runs:
+        info = run.info()
+        rows.append(f"| {run.label} | {info['seconds']:.2f} | {info['unet_evaluations']} | "
+                    f"{info['unet_evaluations_per_step']:g} |")
+    return "\n".join(rows)
+
+
+def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | None = None) -> gr.Blocks:
+    """The demo on ``model`` ("sdxl", "tiny", a Hub id or a folder); falls back to tiny with a banner."""
+    studio = studio or Studio(model, device=device)
+    sizes = [(f"{w}×{h}", f"{w}x{h}") for w, h in studio.size_presets]
+    control_choices = [c for c in CONTROL_TYPES if c != "depth" or depth_available()]
+    control_examples = sorted(str(p) for p in ASSETS.glob("control_*.png"))
+
+    def ui_settings(values: dict):
+        """Settings from the UI controls (sigma from the log2 slider, size from the preset, seed)."""
+        width, height = parse_size(values["size"])
+        seed = values["seed"]
+        if values["randomize_seed"] or seed is None:
+            seed = -1
+        control_type = values["control_type"] or "none"
+        if control_type != "none" and values["control_image"] is None:
+            raise gr.Error(f"ControlNet '{control_type}': upload a control image or pick an example first")
+        settings = studio.settings(
+            prompt=values["prompt"], negative_prompt=values["negative_prompt"], seed=seed,
+            steps=int(values["steps"]), width=width, height=height,
+            guidance_scale=float(values["guidance_scale"]), seg_scale=float(values["seg_scale"]),
+            seg_blur_sigma=math.inf if values["infinite_sigma"] else 2.0 ** float(values["log2_sigma"]),
+            seg_applied_layers=values["applied_layers"],
+            perturbation_guidance_start=float(values["guidance_start"]),
+            perturbation_guidance_end=float(values["guidance_end"]),
+            control_type=control_type,
+            controlnet_conditioning_scale=float(values["controlnet_conditioning_scale"]),
+        )
+        return settings, values["control_image"]
+
+    # ---- UI event handlers (private: the API below has library-named arguments) -------------------
+
+    @GPU
+    @show_errors
+    def ui_generate(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
+                    log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
+                    control_image, controlnet_conditioning_scale, progress=gr.Progress()):
+        settings, image = ui_settings(locals())
+        run, control = studio.generate(settings, image, progress=progress_reporter(progress))
+        info = run.info()
+        text = (f"**{run.settings.method}** · seed **{settings.seed}** · {settings.width}×{settings.height} · "
+                f"{settings.steps} steps · {info['seconds']:.2f} s · **{run.unet_evaluations} UNet evaluations** "
+                f"({info['unet_evaluations_per_step']:g} per step). The PNG carries all settings.")
+        return run.path, settings.seed, text, control
+
+    @GPU(duration=120)
+    @show_errors
+    def ui_compare(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
+                   log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
+                   control_image, controlnet_conditioning_scale, sag_scale, pag_scale, progress=gr.Progress()):
+        settings, image = ui_settings(locals())
+        runs, control = studio.compare(settings, image, float(sag_scale), float(pag_scale),
+                                       progress=progress_reporter(progress))
+        paths = {run.label: run.path for run in runs}
+        labels = list(paths)
+        gallery = [(run.path, f"{run.label} · {run.seconds:.2f} s · {run.unet_evaluations} UNet evals")
+                   for run in runs]
+        return (
+            gallery, f"Seed **{settings.seed}**, same settings for all four.\n\n" + run_table(runs),
+            paths, gr.update(choices=labels, value=labels[0]), gr.update(choices=labels, value=labels[-1]),
+            (paths[labels[0]], paths[labels[-1]]), list(paths.values()), settings.seed, control,
+        )
+
+    @GPU(duration=300)
+    @show_errors
+    def ui_sweep(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
+                 log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
+                 control_image, controlnet_conditioning_scale, sweep_sigmas, sweep_axis, sweep_values,
+                 progress=gr.Progress()):
+        settings, image = ui_settings(locals())
+        sigmas = parse_values(sweep_sigmas, "blur σ values", parse_sigma)
+        axis = SWEEP_AXES.get(sweep_axis, sweep_axis)
+        values = parse_values(sweep_values, f"{sweep_axis} values") if axis != "none" else []
+        sweep, control = studio.sweep(settings, sigmas, axis, values, image, progress=progress_reporter(progress))
+        info = sweep.info()
+        text = (f"Seed **{settings.seed}** · {len(info['runs'])} images · {info['seconds']:.2f} s · "
+                f"{info['unet_evaluations']} UNet evaluations. The PNG carries all settings and both axes.")
+        return sweep.path, sweep.path, text, settings.seed, control
+
+    @show_errors
+    def ui_control_map(control_type, control_image, size):
+        if control_type in (None, "none") or control_image is None:
+            return None
+        width, height = parse_size(size)
+        try:
+            return studio.control_map(control_type, control_image, width, height)
+        except RuntimeError as error:
+            gr.Warning(f"{error}. Choose 'canny' or 'none'.")
+            return None
+
+    # ---- API handlers: argument names are the library's; every one but `prompt` is optional -------
+
+    def api_settings(values: dict):
+        """Settings from an API handler's locals() (its parameters, named as Settings' fields)."""
+        fields = {f.name for f in dataclasses.fields(Settings)}
+        return studio.settings(**{k: v for k, v in values.items() if k in fields}), values.get("control_image")
+
+    @GPU
+    @show_errors
+    def generate(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
+                 guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=None,
+                 sag_scale=None, perturbation_guidance_start=None, perturbation_guidance_end=None,
+                 control_type=None, control_image=None, controlnet_conditioning_scale=None, progress=gr.Progress()):
+        """One image with SEG (and PAG / SAG if their scales are > 0). Returns the PNG (its metadata holds
+        every setting) and a JSON summary (seed used, time, UNet evaluations). seed -1: random;
+        seg_blur_sigma: a number, or "inf" (values > 9999 are infinite too)."""
+        settings, image = api_settings(locals())
+        run, _ = studio.generate(settings, image, progress=progress_reporter(progress))
+        return run.path, run.info()
+
+    @GPU(duration=120)
+    @show_errors
+    def compare(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
+                guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=3.0,
+                sag_scale=1.0, perturbation_guidance_start=None, perturbation_guidance_end=None,
+                control_type=None, control_image=None, controlnet_conditioning_scale=None, progress=gr.Progress()):
+        """Vanilla SDXL, SAG (sag_scale), PAG (pag_scale) and SEG (seg_scale, seg_blur_sigma) from one seed.
+        Returns the four labelled PNGs and, per method, its time and UNet evaluations."""
+        values = locals()
+        sag, pag = values.pop("sag_scale"), values.pop("pag_scale")
+        sag, pag = 1.0 if sag is None else float(sag), 3.0 if pag is None else float(pag)
+        settings, image = api_settings(values)
+        runs, _ = studio.compare(settings, image, sag, pag, progress=progress_reporter(progress))
+        return [(run.path, run.label) for run in runs], [run.info() for run in runs]
+
+    @GPU(duration=300)
+    @show_errors
+    def sweep(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
+              guidance_scale=None, seg_scale=None, seg_blur_sigmas="1, 4, 16, 64, inf", second_axis="none",
+              second_axis_values="", seg_applied_layers=None, perturbation_guidance_start=None,
+              perturbation_guidance_end=None, control_type=None, control_image=None,
+              controlnet_conditioning_scale=None, progress=gr.Progress()):
+        """A labelled grid: seg_blur_sigmas (e.g. "1, 4, 16, inf") as columns and, optionally, second_axis
+        ("seg_scale" or "guidance_scale") over second_axis_values (e.g. "1, 3, 5") as rows; one seed."""
+        values = locals()
+        sigmas = parse_values(values.pop("seg_blur_sigmas"), "seg_blur_sigmas", parse_sigma)
+        axis = values.pop("second_axis") or "none"
+        axis_values = values.pop("second_axis_values")
+        axis_values = parse_values(axis_values, "second_axis_values") if axis != "none" else []
+        settings, image = api_settings(values)
+        result, _ = studio.sweep(settings, sigmas, axis, axis_values, image, progress=progress_reporter(progress))
+        return result.path, result.info()
+
+    # ---- layout ---------------------------------------------------------------------------------------
+
+    with gr.Blocks(title="Smoothed Energy Guidance (SDXL)", delete_cache=(3600, 7200)) as demo:
+        gr.Markdown(
+            "# Smoothed Energy Guidance for SDXL\n"
+            f"[SEG]({PAPER_URL}) (Hong, NeurIPS 2024) guides a diffusion model away from a version of itself whose "
+            "self-attention is blurred with a Gaussian of standard deviation σ; σ = ∞ makes every query the mean "
+            "query. It needs no prompt and no training. Compare it with vanilla SDXL, SAG and PAG from the same "
+            f"seed, or sweep σ as in the paper's figures. Model: `{studio.model_id}`."
+        )
+        banner = studio.banner
+        gr.HTML(banner_html(banner) if banner else "", visible=bool(banner), elem_id="model-banner")
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=340):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                    placeholder="Leave empty for unconditional generation, as in the paper")
+                negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt")
+                with gr.Row():
+                    seg_scale = gr.Slider(0, 10, value=3.0, step=0.1, label="SEG scale",
+                                          info="the authors keep 3 and vary σ", elem_id="seg-scale")
+                    guidance_scale = gr.Slider(1, 15, value=1.0, step=0.5, label="CFG scale",
+                                               info="1 = no CFG (the authors' setting)", elem_id="cfg-scale")
+                with gr.Row():
+                    log2_sigma = gr.Slider(0, 13, value=4, step=0.5, label=sigma_label(4, True),
+                                           elem_id="log2-sigma", scale=3)
+                    infinite_sigma = gr.Checkbox(value=True, label="infinite σ", elem_id="infinite-sigma",
+                                                 scale=1, min_width=100)
+                with gr.Row():
+                    size = gr.Dropdown(sizes, value=sizes[0][1], label="Size (width × height)", elem_id="size")
+                    steps = gr.Slider(1, 100, value=studio.default_steps, step=1, label="Steps", elem_id="steps")
+                with gr.Row(equal_height=True):
+                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (the one used is shown)",
+                                     elem_id="seed", scale=3)
+                    dice = gr.Button("🎲", scale=0, min_width=50)
+                    randomize_seed = gr.Checkbox(value=False, label="random seed each run", scale=2,
+                                                 elem_id="randomize-seed")
+                with gr.Accordion("Advanced", open=False):
+                    applied_layers = gr.Dropdown(
+                        ["mid", "down", "up"], value=["mid"], multiselect=True, allow_custom_value=True,
+                        label="Applied layers (SEG, and PAG in Compare)",
+                        info="mid, down, up, or single self-attention layers such as m0, d4, u0",
+                    )
+                    with gr.Row():
+                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Guidance from (fraction of steps)")
+                        guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance until")
+                    with gr.Row():
+                        sag_scale = gr.Slider(0.05, 5, value=1.0, step=0.05, label="SAG scale (Compare)",
+                                              info="the paper compares with 1.0")
+                        pag_scale = gr.Slider(0.1, 10, value=3.0, step=0.1, label="PAG scale (Compare)")
+                with gr.Accordion("ControlNet", open=False):
+                    control_type = gr.Radio(control_choices, value="none", label="ControlNet", elem_id="control-type",
+                                            info=None if "depth" in control_choices else
+                                            "depth needs its estimator's weights (Hub), not available here")
+                    with gr.Row():
+                        control_image = gr.Image(type="pil", label="Control image", sources=["upload", "clipboard"],
+                                                 height=200, elem_id="control-image")
+                        control_map = gr.Image(label="Control map (what the ControlNet sees)", interactive=False,
+                                               height=200, format="png", elem_id="control-map")
+                    if control_examples:
+                        gr.Examples(control_examples, inputs=[control_image], label="Example control images")
+                    controlnet_conditioning_scale = gr.Slider(0, 2, value=1.0, step=0.05,
+                                                              label="ControlNet conditioning scale")
+
+            with gr.Column(scale=3, min_width=400):
+                with gr.Tabs():
+                    with gr.Tab("Generate", id="generate"):
+                        generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                        result = gr.Image(label="Result (PNG with settings)", type="filepath", format="png",
+                                          interactive=False, height=512, elem_id="result")
+                        result_info = gr.Markdown(elem_id="result-info")
+                    with gr.Tab("Compare", id="compare"):
+                        compare_button = gr.Button("Compare vanilla SDXL · SAG · PAG · SEG", variant="primary",
+                                                   elem_id="compare-button")
+                        gallery = gr.Gallery(label="Same seed, same settings", columns=4, type="filepath",
+                                             format="png", object_fit="contain", height="auto",
+                                             elem_id="compare-gallery")
+                        compare_info = gr.Markdown(elem_id="compare-info")
+                        compare_paths = gr.State({})
+                        with gr.Row():
+                            left = gr.Dropdown([], label="Left", elem_id="slider-left")
+                            right = gr.Dropdown([], label="Right", elem_id="slider-right")
+                        pair = gr.ImageSlider(label="Drag to compare the pair", type="filepath", format="png",
+                                              elem_id="compare-slider")
+                        compare_files = gr.File(label="PNG files with settings", file_count="multiple")
+                    with gr.Tab("Sweep", id="sweep"):
+                        sweep_sigmas = gr.Textbox("1, 4, 16, 64, inf", label="Blur σ values (columns)",
+                                                  info="comma-separated; inf = infinite", elem_id="sweep-sigmas")
+                        with gr.Row():
+                            sweep_axis = gr.Radio(list(SWEEP_AXES), value="none", label="Second axis (rows)")
+                            sweep_values = gr.Textbox("1, 3, 5", label="Second axis values")
+                        sweep_button = gr.Button("Sweep", variant="primary", elem_id="sweep-button")
+                        grid = gr.Image(label="Sweep (PNG with settings)", type="filepath", format="png",
+                                        interactive=False, elem_id="sweep-grid")
+                        grid_file = gr.File(label="Download the grid")
+                        sweep_info = gr.Markdown()
+
+        gr.Examples(EXAMPLES, inputs=[prompt, negative_prompt, guidance_scale], cache_examples=False,
+                    label="Examples (the empty prompt is unconditional generation)")
+
+        # ---- events ---------------------------------------------------------------------------------
+        common = [prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale, log2_sigma,
+                  infinite_sigma, applied_layers, guidance_start, guidance_end, control_type, control_image,
+                  controlnet_conditioning_scale]
+        events = dict(concurrency_limit=1, concurrency_id="generation", api_visibility="private")
+        generate_button.click(ui_generate, common, [result, seed, result_info, control_map], **events)
+        prompt.submit(ui_generate, common, [result, seed, result_info, control_map], **events)
+        compare_button.click(ui_compare, common + [sag_scale, pag_scale],
+                             [gallery, compare_info, compare_paths, left, right, pair, compare_files, seed,
+                              control_map], **events)
+        sweep_button.click(ui_sweep, common + [sweep_sigmas, sweep_axis, sweep_values],
+                           [grid, grid_file, sweep_info, seed, control_map], **events)
+
+        def show_pair(paths, left_label, right_label):
+            if left_label not in paths or right_label not in paths:
+                return None
+            return paths[left_label], paths[right_label]
+
+        left.change(show_pair, [compare_paths, left, right], pair, api_visibility="private")
+        right.change(show_pair, [compare_paths, left, right], pair, api_visibility="private")
+        for trigger in (control_type.change, control_image.change, size.change):
+            trigger(ui_control_map, [control_type, control_image, size], control_map, api_visibility="private")
+        log2_sigma.input(lambda: False, None, infinite_sigma, api_visibility="private", queue=False)
+        for component in (log2_sigma, infinite_sigma):
+            component.change(lambda v, inf: gr.update(label=sigma_label(v, inf)), [log2_sigma, infinite_sigma],
+                             log2_sigma, api_visibility="private", queue=False)
+        dice.click(lambda: random.randint(0, 2**32 - 1), None, seed, api_visibility="private", queue=False)
+
+        # ---- API: hidden components whose values are the defaults -------------------------------------
+        default_w, default_h = studio.size_presets[0]
+
+        def api_inputs(**overrides):
+            """Hidden inputs for an API endpoint, in the order of its function's parameters."""
+            spec = {
+                "prompt": lambda: gr.Textbox(None), "negative_prompt": lambda: gr.Textbox(""),
+                "seed": lambda: gr.Number(-1, precision=0),
+                "steps": lambda: gr.Number(studio.default_steps, precision=0),
+                "width": lambda: gr.Number(default_w, precision=0),
+                "height": lambda: gr.Number(default_h, precision=0),
+                "guidance_scale": lambda: gr.Number(1.0), "seg_scale": lambda: gr.Number(3.0),
+                "seg_blur_sigma": lambda: gr.Textbox("inf"),
+                "seg_blur_sigmas": lambda: gr.Textbox("1, 4, 16, 64, inf"),
+                "second_axis": lambda: gr.Textbox("none"), "second_axis_values": lambda: gr.Textbox(""),
+                "seg_applied_layers": lambda: gr.Dropdown(["mid", "down", "up"], value=["mid"], multiselect=True,
+                                                          allow_custom_value=True),
+                "pag_scale": lambda: gr.Number(overrides.get("pag_scale", 0.0)),
+                "sag_scale": lambda: gr.Number(overrides.get("sag_scale", 0.0)),
+                "perturbation_guidance_start": lambda: gr.Number(0.0),
+                "perturbation_guidance_end": lambda: gr.Number(1.0),
+                "control_type": lambda: gr.Textbox("none"),
+                "control_image": lambda: gr.Image(type="pil"),
+                "controlnet_conditioning_scale": lambda: gr.Number(1.0),
+            }
+            names = overrides["names"]
+            return [spec[name]() for name in names]
+
+        def parameter_names(fn):
+            return [p for p in inspect.signature(fn).parameters if p != "progress"]
+
+        with gr.Group(visible=False):
+            for fn, outputs, overrides in (
+                (generate, lambda: [gr.Image(type="filepath", format="png", label="image"), gr.JSON(label="info")], {}),
+                (compare, lambda: [gr.Gallery(type="filepath", format="png", label="images"), gr.JSON(label="info")],
+                 {"pag_scale": 3.0, "sag_scale": 1.0}),
+                (sweep, lambda: [gr.Image(type="filepath", format="png", label="grid"), gr.JSON(label="info")], {}),
+            ):
+                inputs = api_inputs(names=parameter_names(fn), **overrides)
+                gr.Button(visible=False).click(fn, inputs, outputs(), api_name=fn.__name__,
+                                               concurrency_limit=1, concurrency_id="generation")
+
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    demo.studio = studio  # for tests and scripts
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Gradio demo of Smoothed Energy Guidance for SDXL.")
+    parser.add_argument("--model", default="sdxl",
+                        help="'sdxl' (SDXL base 1.0, default), 'tiny' (offline random weights), "
+                             "or any SDXL Hub id / local folder")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to serve on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", help="also create a public Gradio share link")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, mps, cpu (default: best)")
+    args = parser.parse_args(argv)
+    demo = build_demo(args.model, device=args.device)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,647 @@
+"""The generation service behind the demo: one request = one seed, run as generate, compare or sweep.
+
+Everything here is independent of the UI: loading (with a fallback to the offline ``tiny`` model),
+one generation at a time per model, progress over all denoising steps of a request, counting UNet
+evaluations, timing, labelled sweep grids, and PNG files that carry their full settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from .blur import INFINITE_SIGMA_THRESHOLD
+from .pipeline import StableDiffusionXLSEGPipeline
+from .presets import CONTROLNETS, DEPTH_ESTIMATOR, MODELS, load_pipeline, preprocess_control
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(done_steps, total_steps, description)``, called after every denoising step of a request.
+Progress = Callable[[int, int, str], None]
+
+MAX_SEED = 2**32 - 1
+MAX_SWEEP_RUNS = 64
+CONTROL_TYPES = ("none", "canny", "depth")
+PNG_SETTINGS_KEY = "seg_settings"  # JSON of Settings, in a PNG text chunk
+PNG_PARAMETERS_KEY = "parameters"  # the same, readable (the key other SD tools use)
+
+#: SDXL's training buckets (width, height): the square one, then landscape / portrait pairs.
+SDXL_SIZES = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
+              (1344, 768), (768, 1344), (1536, 640), (640, 1536)]
+#: The same aspect ratios, roughly, at the tiny model's scale (multiples of 8).
+TINY_SIZES = [(64, 64), (72, 56), (56, 72), (80, 48), (48, 80), (96, 40), (40, 96)]
+
+TINY_BANNER = (
+    "**`tiny` model:** random weights in SDXL's architecture, built in code. It runs offline on a CPU in a "
+    "fraction of a second and draws noise, not pictures: use it to try every control of this demo, "
+    "not to judge image quality."
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeroGPU
+# --------------------------------------------------------------------------------------------------
+
+
+def GPU(fn: Callable | None = None, *, duration: float | None = None):  # noqa: N802 (the name `spaces` uses)
+    """``spaces.GPU`` on a Hugging Face ZeroGPU Space, a no-op elsewhere. Works bare (``@GPU``) and
+    with arguments (``@GPU(duration=120)``)."""
+    try:
+        import spaces
+    except ImportError:
+        spaces = None
+    if fn is None:  # @GPU(duration=...)
+        if spaces is None:
+            return lambda f: f
+        return spaces.GPU(duration=duration) if duration is not None else spaces.GPU
+    return spaces.GPU(fn) if spaces is not None else fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings: everything needed to reproduce one image
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_sigma(value) -> float:
+    """A blur sigma from a number or a string; "inf", "infinite", "∞" and anything > 9999 mean infinite."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("inf", "+inf", "infinite", "infinity", "∞"):
+            return math.inf
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"seg_blur_sigma must be a number >= 0 or 'inf', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+        raise ValueError(f"seg_blur_sigma must be a number >= 0 or 'inf', got {value!r}")
+    return math.inf if value > INFINITE_SIGMA_THRESHOLD else float(value)
+
+
+def format_sigma(sigma: float) -> str:
+    return "inf" if math.isinf(sigma) else f"{sigma:g}"
+
+
+def parse_values(text, name: str, parse=float) -> list:
+    """A list from "1, 4, 16, inf" (brackets and quotes ignored); ValueError naming the bad item."""
+    if isinstance(text, (list, tuple)):
+        items = [str(item) for item in text]
+    else:
+        items = re.sub(r"[\[\]'\"]", " ", str(text or "")).replace(";", ",").split(",")
+    items = [item.strip() for item in items if item.strip()]
+    if not items:
+        raise ValueError(f"{name} must list at least one value, got {text!r}")
+    values = []
+    for item in items:
+        try:
+            values.append(parse(item))
+        except ValueError as error:
+            raise ValueError(f"{name}: bad value {item!r} ({error})") from None
+    return values
+
+
+def parse_layers(value) -> list[str]:
+    """Applied layers from a list or a comma-separated string ("mid", "down, up", "m0, u1")."""
+    layers = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
+    layers = [str(layer).strip() for layer in layers if str(layer).strip()]
+    if not layers:
+        raise ValueError("seg_applied_layers must name at least one layer, e.g. ['mid'], got an empty list")
+    return layers
+
+
+def resolve_seed(seed) -> int:
+    """The seed to use: a random one for None or a negative number."""
+    if seed is None or (isinstance(seed, (int, float)) and seed < 0):
+        return random.randint(0, MAX_SEED)
+    if isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed) or seed > MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
+    return int(seed)
+
+
+@dataclass
+class Settings:
+    """One generation's settings, named as the pipeline's arguments."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 25
+    width: int = 1024
+    height: int = 1024
+    guidance_scale: float = 1.0
+    seg_scale: float = 3.0
+    seg_blur_sigma: float = math.inf
+    seg_applied_layers: list[str] = field(default_factory=lambda: ["mid"])
+    pag_scale: float = 0.0
+    sag_scale: float = 0.0
+    perturbation_guidance_start: float = 0.0
+    perturbation_guidance_end: float = 1.0
+    control_type: str = "none"
+    controlnet_conditioning_scale: float = 1.0
+    model: str = ""
+    control_image_sha256: str | None = None
+
+    @property
+    def method(self) -> str:
+        """"vanilla", or the active guidance terms ("SEG", "PAG", "SAG", "SEG+PAG", ...)."""
+        active = [name for name, scale in (("SEG", self.seg_scale), ("PAG", self.pag_scale), ("SAG", self.sag_scale))
+                  if scale > 0]
+        return "+".join(active) or "vanilla"
+
+    def pipeline_kwargs(self) -> dict:
+        """The keyword arguments of StableDiffusionXLSEGPipeline.__call__ (without image / generator)."""
+        kwargs = dict(
+            prompt=self.prompt, negative_prompt=self.negative_prompt or None, height=self.height,
+            width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+            seg_scale=self.seg_scale, seg_blur_sigma=self.seg_blur_sigma,
+            seg_applied_layers=list(self.seg_applied_layers), pag_scale=self.pag_scale,
+            pag_applied_layers=list(self.seg_applied_layers), sag_scale=self.sag_scale,
+            perturbation_guidance_start=self.perturbation_guidance_start,
+            perturbation_guidance_end=self.perturbation_guidance_end,
+        )
+        if self.control_type != "none":
+            kwargs["controlnet_conditioning_scale"] = self.controlnet_conditioning_scale
+        return kwargs
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["seg_blur_sigma"] = format_sigma(self.seg_blur_sigma)  # JSON has no infinity
+        data["method"] = self.method
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Settings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "seg_blur_sigma" in values:
+            values["seg_blur_sigma"] = parse_sigma(values["seg_blur_sigma"])
+        return cls(**values)
+
+    def describe(self) -> str:
+        """The settings as readable lines (the PNG "parameters" text)."""
+        lines = [self.prompt or "(no prompt: unconditional)"]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        parts = [f"Method: {self.method}", f"Seed: {self.seed}", f"Steps: {self.steps}",
+                 f"Size: {self.width}x{self.height}", f"CFG scale: {self.guidance_scale:g}",
+                 f"SEG scale: {self.seg_scale:g}", f"SEG blur sigma: {format_sigma(self.seg_blur_sigma)}",
+                 f"Layers: {', '.join(self.seg_applied_layers)}", f"PAG scale: {self.pag_scale:g}",
+                 f"SAG scale: {self.sag_scale:g}",
+                 f"Guidance interval: {self.perturbation_guidance_start:g}-{self.perturbation_guidance_end:g}"]
+        if self.control_type != "none":
+            parts.append(f"ControlNet: {self.control_type} x{self.controlnet_conditioning_scale:g}")
+        parts.append(f"Model: {self.model}")
+        lines.append(", ".join(parts))
+        return "\n".join(lines)
+
+
+def png_info(settings: Settings, extra: dict | None = None) -> PngInfo:
+    info = PngInfo()
+    data = settings.to_dict() | (extra or {})
+    info.add_text(PNG_PARAMETERS_KEY, settings.describe())
+    info.add_text(PNG_SETTINGS_KEY, json.dumps(data))
+    info.add_text("Software", "seg_core studio (Smoothed Energy Guidance for SDXL)")
+    return info
+
+
+def read_png_settings(image: Image.Image | str) -> dict:
+    """The settings stored in a PNG written by this module (empty dict if none)."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as opened:
+            return read_png_settings(opened)
+    text = image.info.get(PNG_SETTINGS_KEY)
+    return json.loads(text) if text else {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One image: its settings, how long it took and how many UNet evaluations it used."""
+
+    label: str
+    settings: Settings
+    image: Image.Image
+    seconds: float
+    unet_evaluations: int
+    path: str = ""
+
+    def info(self) -> dict:
+        return {
+            "label": self.label, "method": self.settings.method, "seed": self.settings.seed,
+            "seconds": round(self.seconds, 3), "unet_evaluations": self.unet_evaluations,
+            "unet_evaluations_per_step": round(self.unet_evaluations / self.settings.steps, 2),
+            "file": self.path, "settings": self.settings.to_dict(),
+        }
+
+
+@dataclass
+class Sweep:
+    runs: list[list[Run]]  # [row][column]
+    column_axis: str
+    column_values: list
+    row_axis: str | None
+    row_values: list
+    grid: Image.Image
+    path: str = ""
+
+    def info(self) -> dict:
+        return {
+            "columns": {"axis": self.column_axis, "values": [_axis_value(v) for v in self.column_values]},
+            "rows": {"axis": self.row_axis, "values": [_axis_value(v) for v in self.row_values]},
+            "file": self.path,
+            "runs": [run.info() for row in self.runs for run in row],
+            "seconds": round(sum(run.seconds for row in self.runs for run in row), 3),
+            "unet_evaluations": sum(run.unet_evaluations for row in self.runs for run in row),
+        }
+
+
+def _axis_value(value):
+    return format_sigma(value) if isinstance(value, float) and math.isinf(value) else value
+
+
+class UNetCounter:
+    """Counts UNet evaluations per image: batch rows seen by ``unet.forward`` / images per call."""
+
+    def __init__(self, unet: torch.nn.Module, images_per_call: int = 1):
+        self.unet, self.images_per_call, self.rows = unet, images_per_call, 0
+
+    def _hook(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.rows += sample.shape[0]
+
+    def __enter__(self):
+        self.handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    @property
+    def evaluations(self) -> int:
+        return self.rows // self.images_per_call
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep grid
+# --------------------------------------------------------------------------------------------------
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def labelled_grid(images: Sequence[Sequence[Image.Image]], column_labels: Sequence[str],
+                  row_labels: Sequence[str] | None = None, title: str = "",
+                  min_cell: int = 160, max_cell: int = 512, gap: int = 4) -> Image.Image:
+    """A grid of images with column labels on top and row labels on the left (the paper's figures).
+
+    Cells are scaled so their longer side lies in [min_cell, max_cell]: tiny images are enlarged
+    (nearest neighbour, so pixels stay visible), SDXL's 1024 px ones shrunk.
+    """
+    width, height = images[0][0].size
+    scale = min(max(min_cell / max(width, height), 1.0), max_cell / max(width, height))
+    image_w, image_h = round(width * scale), round(height * scale)
+    cell_w, cell_h = image_w + gap, image_h + gap
+    font_size = max(14, min(28, cell_w // 9))
+    font, pad = _font(font_size), font_size // 2
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_width(text):
+        left, _, right, _ = measure.textbbox((0, 0), text, font=font)
+        return right - left
+
+    label_h = font_size + 2 * pad
+    title_h = label_h if title else 0
+    left_w = max((text_width(t) for t in row_labels), default=0) + 2 * pad if row_labels else 0
+    grid = Image.new("RGB", (left_w + cell_w * len(column_labels), title_h + label_h + cell_h * len(images)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((pad, pad), title, fill="black", font=font)
+    for c, text in enumerate(column_labels):
+        x = left_w + c * cell_w + (cell_w - text_width(text)) // 2
+        draw.text((x, title_h + pad), text, fill="black", font=font)
+    for r, row in enumerate(images):
+        y = title_h + label_h + r * cell_h
+        if row_labels:
+            draw.text((pad, y + (cell_h - font_size) // 2), row_labels[r], fill="black", font=font)
+        for c, image in enumerate(row):
+            resample = Image.NEAREST if scale > 1 else Image.LANCZOS
+            grid.paste(image.convert("RGB").resize((image_w, image_h), resample), (left_w + c * cell_w, y))
+    return grid
+
+
+# --------------------------------------------------------------------------------------------------
+# The service
+# --------------------------------------------------------------------------------------------------
+
+_model_locks: dict[str, threading.Lock] = {}
+_model_locks_guard = threading.Lock()
+
+
+def model_lock(model: str) -> threading.Lock:
+    """One lock per model name: one generation at a time on each model, across Studio objects."""
+    with _model_locks_guard:
+        return _model_locks.setdefault(model, threading.Lock())
+
+
+def depth_available() -> bool:
+    """Whether the depth estimator can be loaded: online, or its weights cached."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return True
+    return isinstance(try_to_load_from_cache(DEPTH_ESTIMATOR, "config.json"), str)
+
+
+class Studio:
+    """Loads a model once (falling back to ``tiny`` when it cannot be loaded) and runs requests on it.
+
+    Args:
+        model: "sdxl", "tiny", or an SDXL Hub id or local folder.
+        device: torch device (by default CUDA, else MPS, else CPU).
+        fallback: the model to use when ``model`` cannot be loaded; None to raise instead.
+        output_dir: where PNG files are written (default: a new temporary folder).
+    """
+
+    def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = "tiny",
+                 output_dir: str | None = None):
+        self.requested_model = model
+        self.device = device
+        self.load_error: str | None = None
+        self._pipes: dict[str | None, StableDiffusionXLSEGPipeline] = {}
+        self._load_lock = threading.Lock()
+        self.output_dir = output_dir or tempfile.mkdtemp(prefix="seg-studio-")
+        os.makedirs(self.output_dir, exist_ok=True)
+        self._counter = 0
+        try:
+            self.model = model
+            self.pipeline("none")
+        except Exception as error:  # no network, no cached weights, a bad id ...
+            if fallback is None or model == fallback:
+                raise
+            self.load_error = _short_error(error)
+            logger.warning("could not load %s (%s); starting on %r", model, self.load_error, fallback)
+            self.model = fallback
+            self.pipeline("none")
+        self.lock = model_lock(self.model)
+
+    # ---- model ------------------------------------------------------------------------------------
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == "tiny"
+
+    @property
+    def model_id(self) -> str:
+        """The model as written into PNG metadata (the Hub id for named models)."""
+        return MODELS.get(self.model) or self.model
+
+    @property
+    def banner(self) -> str | None:
+        """Markdown explaining a fallback and/or the tiny model; None for a real model loaded as asked."""
+        lines = []
+        if self.load_error:
+            lines.append(f"**Could not load `{self.requested_model}`** ({self.load_error}). "
+                         f"Started on the `{self.model}` model instead.")
+        if self.is_tiny:
+            lines.append(TINY_BANNER)
+        return "\n\n".join(lines) or None
+
+    @property
+    def size_presets(self) -> list[tuple[int, int]]:
+        return TINY_SIZES if self.is_tiny else SDXL_SIZES
+
+    @property
+    def default_steps(self) -> int:
+        return 8 if self.is_tiny else 25
+
+    def pipeline(self, control_type: str = "none") -> StableDiffusionXLSEGPipeline:
+        """The pipeline for ``control_type`` ("none", "canny", "depth"), loaded once and cached."""
+        if control_type not in CONTROL_TYPES:
+            raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {control_type!r}")
+        with self._load_lock:
+            if control_type not in self._pipes:
+                self._pipes[control_type] = self._load(control_type)
+            return self._pipes[control_type]
+
+    def _load(self, control_type: str) -> StableDiffusionXLSEGPipeline:
+        if control_type == "none":
+            pipe = load_pipeline(self.model, device=self.device)
+        else:
+            # Share the base pipeline's components: a second SDXL copy would double the memory.
+            base = self._pipes["none"]
+            if self.is_tiny:
+                from .tiny import tiny_controlnet
+
+                net = tiny_controlnet(base.unet).to(base.unet.device)
+                if net.dtype != base.unet.dtype:
+                    net = net.to(dtype=base.unet.dtype)
+            else:
+                from diffusers import ControlNetModel
+
+                repo = CONTROLNETS[control_type]
+                variant = {"variant": "fp16"} if base.unet.dtype == torch.float16 else {}
+                try:
+                    net = ControlNetModel.from_pretrained(repo, torch_dtype=base.unet.dtype,
+                                                          use_safetensors=True, **variant)
+                except Exception as error:
+                    raise RuntimeError(f"the {control_type} ControlNet {repo} could not be loaded: "
+                                       f"{str(error).splitlines()[0]}") from error
+                net = net.to(base.unet.device)
+            pipe = StableDiffusionXLSEGPipeline(
+                **base.components | {"controlnet": net},
+                force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
+                add_watermarker=base.watermark is not None,
+            )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # ---- inputs -----------------------------------------------------------------------------------
+
+    def settings(self, **values) -> Settings:
+        """Settings from keyword arguments (missing ones: this model's defaults), checked and normalised."""
+        size = self.size_presets[0]
+        values.setdefault("steps", self.default_steps)
+        values.setdefault("width", size[0])
+        values.setdefault("height", size[1])
+        settings = Settings(**{k: v for k, v in values.items() if v is not None})
+        settings.prompt = settings.prompt or ""
+        settings.negative_prompt = settings.negative_prompt or ""
+        settings.seed = resolve_seed(values.get("seed"))
+        settings.seg_blur_sigma = parse_sigma(settings.seg_blur_sigma)
+        settings.seg_applied_layers = parse_layers(settings.seg_applied_layers)
+        settings.control_type = settings.control_type or "none"
+        if settings.control_type not in CONTROL_TYPES:
+            raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {settings.control_type!r}")
+        for name in ("steps", "width", "height"):
+            value = getattr(settings, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(settings, name, int(value))
+        settings.model = self.model_id
+        return settings
+
+    def control_map(self, control_type: str, image: Image.Image | None, width: int, height: int) -> Image.Image | None:
+        """The preprocessed control map for ``image`` cropped and resized to the output size."""
+        if control_type in (None, "none"):
+            return None
+        if image is None:
+            raise ValueError(f"control_type {control_type!r} needs a control_image")
+        fitted = ImageOps.fit(image.convert("RGB"), (int(width), int(height)), Image.LANCZOS)
+        return preprocess_control(control_type, fitted)
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def generate(self, settings: Settings, control_image: Image.Image | None = None,
+                 progress: Progress | None = None) -> tuple[Run, Image.Image | None]:
+        """One image; returns the run and the control map used (None without ControlNet)."""
+        control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
+        _stamp_control(settings, control)
+        steps = _StepCounter(settings.steps, progress)
+        with self.lock:
+            run = self._run(settings.method, settings, control, steps)
+        return run, control
+
+    def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float = 1.0,
+                pag_scale: float = 3.0, progress: Progress | None = None) -> tuple[list[Run], Image.Image | None]:
+        """Vanilla SDXL, SAG, PAG and SEG from the same seed and settings (SEG with ``settings``' scale)."""
+        if sag_scale <= 0 or pag_scale <= 0 or settings.seg_scale <= 0:
+            raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
+                             f"{sag_scale}, {pag_scale} and {settings.seg_scale}")
+        variants = [
+            ("Vanilla SDXL", dict(seg_scale=0.0, pag_scale=0.0, sag_scale=0.0)),
+            (f"SAG (scale {sag_scale:g})", dict(seg_scale=0.0, pag_scale=0.0, sag_scale=sag_scale)),
+            (f"PAG (scale {pag_scale:g})", dict(seg_scale=0.0, pag_scale=pag_scale, sag_scale=0.0)),
+            (f"SEG (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})",
+             dict(pag_scale=0.0, sag_scale=0.0)),
+        ]
+        control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
+        _stamp_control(settings, control)
+        steps = _StepCounter(settings.steps * len(variants), progress)
+        with self.lock:
+            runs = [self._run(label, dataclasses.replace(settings, **change), control, steps)
+                    for label, change in variants]
+        return runs, control
+
+    def sweep(self, settings: Settings, sigmas: Sequence, row_axis: str | None = None, row_values: Sequence = (),
+              control_image: Image.Image | None = None, progress: Progress | None = None) -> tuple[Sweep, Image.Image | None]:
+        """A grid over blur sigma (columns) and optionally ``seg_scale`` or ``guidance_scale`` (rows)."""
+        sigmas = [parse_sigma(s) for s in sigmas]
+        if row_axis in (None, "", "none"):
+            row_axis, row_values = None, [None]
+        elif row_axis not in ("seg_scale", "guidance_scale"):
+            raise ValueError(f"the second sweep axis must be 'none', 'seg_scale' or 'guidance_scale', got {row_axis!r}")
+        elif not row_values:
+            raise ValueError(f"give at least one {row_axis} value for the second sweep axis")
+        runs_total = len(sigmas) * len(row_values)
+        if runs_total > MAX_SWEEP_RUNS:
+            raise ValueError(f"a sweep may have at most {MAX_SWEEP_RUNS} images, got "
+                             f"{len(sigmas)} sigmas x {len(row_values)} rows = {runs_total}")
+        control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
+        _stamp_control(settings, control)
+        steps = _StepCounter(settings.steps * runs_total, progress)
+        runs: list[list[Run]] = []
+        with self.lock:
+            for value in row_values:
+                row_change = {row_axis: float(value)} if row_axis else {}
+                row = []
+                for sigma in sigmas:
+                    cell = dataclasses.replace(settings, seg_blur_sigma=sigma, **row_change)
+                    row.append(self._run(f"σ {format_sigma(sigma)}", cell, control, steps, save=False))
+                runs.append(row)
+        axis_names = {"seg_scale": "SEG scale", "guidance_scale": "CFG scale"}
+        title = f"seed {settings.seed}" + (f" · {settings.prompt[:60]}" if settings.prompt else " · unconditional")
+        grid = labelled_grid(
+            [[run.image for run in row] for row in runs],
+            [f"sigma = {format_sigma(s)}" for s in sigmas],  # the default font has no Greek
+            [f"{axis_names[row_axis]} {float(v):g}" for v in row_values] if row_axis else None,
+            title=title,
+        )
+        sweep = Sweep(runs, "seg_blur_sigma", sigmas, row_axis, list(row_values) if row_axis else [], grid)
+        extra = {"sweep": {"columns": {"axis": "seg_blur_sigma", "values": [format_sigma(s) for s in sigmas]},
+                           "rows": {"axis": row_axis, "values": list(row_values) if row_axis else []}}}
+        sweep.path = self._save(grid, settings, "sweep", extra)
+        return sweep, control
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _run(self, label: str, settings: Settings, control: Image.Image | None, steps: "_StepCounter",
+             save: bool = True) -> Run:
+        pipe = self.pipeline(settings.control_type)
+        extra = {"image": control} if control is not None else {}
+        generator = torch.Generator().manual_seed(settings.seed)  # CPU: the same noise on any device
+
+        def on_step_end(pipe, i, t, tensors):
+            steps.advance(label)
+            return tensors
+
+        with UNetCounter(pipe.unet) as counter:
+            start = time.perf_counter()
+            image = pipe(**settings.pipeline_kwargs(), **extra, generator=generator, output_type="pil",
+                         callback_on_step_end=on_step_end).images[0]
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        run = Run(label, settings, image, seconds, counter.evaluations)
+        if save:
+            run.path = self._save(image, settings, settings.method.lower().replace("+", "-"),
+                                  {"seconds": round(seconds, 3), "unet_evaluations": counter.evaluations})
+        return run
+
+    def _save(self, image: Image.Image, settings: Settings, stem: str, extra: dict | None = None) -> str:
+        with self._load_lock:
+            self._counter += 1
+            number = self._counter
+        path = os.path.join(self.output_dir, f"{number:05d}-{stem}-seed{settings.seed}.png")
+        image.save(path, format="PNG", pnginfo=png_info(settings, extra))
+        return path
+
+
+def _short_error(error: Exception) -> str:
+    """The first sentence of an error, for a banner (loading errors from the Hub run to paragraphs)."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    text = text.split(" (", 1)[0][:300]
+    return f"{type(error).__name__}: {text}"
+
+
+def _stamp_control(settings: Settings, control: Image.Image | None) -> None:
+    """Record which control map was used (its hash), so the metadata identifies it."""
+    settings.control_image_sha256 = hashlib.sha256(control.tobytes()).hexdigest()[:16] if control else None
+
+
+class _StepCounter:
+    """Progress over all denoising steps of one request."""
+
+    def __init__(self, total: int, progress: Progress | None):
+        self.total, self.done, self.progress = total, 0, progress
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, label)
+
+
+__all__ = [
+    "GPU", "Run", "Settings", "Studio", "Sweep", "UNetCounter", "depth_available", "format_sigma",
+    "labelled_grid", "parse_layers", "parse_sigma", "parse_values", "read_png_settings", "resolve_seed",
+]
