@@ -27,8 +27,9 @@ from .attention import (
 from .blur import blur_image
 from .guidance import classifier_free_guidance, weakened_model_guidance
 
-#: ``model(x, t, roles) -> prediction``: one UNet call on ``x`` (``len(roles) * B`` rows, branch after
-#: branch); ``roles[k]`` ("uncond" or "cond") says which conditioning branch k gets.
+#: ``model(x, t, roles) -> prediction``: one UNet call on ``len(roles)`` branches that all start from the
+#: same input ``x`` (B rows); ``roles[k]`` ("uncond" or "cond") says which conditioning branch k gets.
+#: The prediction has ``len(roles) * B`` rows, branch after branch.
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
 
 
@@ -220,9 +221,10 @@ class GuidedStep:
     """
 
     def __init__(self, methods: Sequence[GuidanceMethod], plan, guidance_scale: float, do_cfg: bool,
-                 guidance_rescale: float = 0.0):
+                 guidance_rescale: float = 0.0, sharing=None):
         self.methods = list(methods)
         self.plan = plan
+        self.sharing = sharing  # a DownBlockSharing, when the UNet's down blocks are hooked for it
         self.guidance_scale = guidance_scale
         self.do_cfg = do_cfg
         self.guidance_rescale = guidance_rescale
@@ -250,10 +252,16 @@ class GuidedStep:
                 for layer in method.layers:
                     changes.setdefault(layer, {})[branch] = change
         self.plan.set(len(roles), changes, tuple(x.shape[-2:]))
+        if self.sharing is not None:
+            # Branches changed only at or after the mid block compute the same down path as their role.
+            in_down = {b for layer, by_branch in changes.items() if layer.startswith("down_blocks.") for b in by_branch}
+            self.sharing.set([f"branch{k}" if k in in_down else role for k, role in enumerate(roles)])
         try:
-            prediction = model(torch.cat([x] * len(roles)), t, roles)
+            prediction = model(x, t, roles)
         finally:
             self.plan.set(1, {}, None)
+            if self.sharing is not None:
+                self.sharing.set(None)
         state = StepState(x, t, scheduler, model, self.do_cfg, dict(zip(keys, prediction.chunk(len(keys)))))
         eps_cond = state.outputs["cond"]
         eps = classifier_free_guidance(state.outputs["uncond"], eps_cond, self.guidance_scale) if self.do_cfg else eps_cond

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from transformers import (
 )
 
 from .attention import BranchPlan, patched_self_attention
+from .sharing import DownBlockSharing, shared_down_blocks
 from .methods import PAG, SAG, SEG, GuidanceMethod, GuidedStep, check_interval, check_scale
 
 MAX_STEPS = 1000
@@ -93,6 +95,8 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         if controlnet is not None and not isinstance(controlnet, ControlNetModel):
             raise ValueError(f"controlnet must be a diffusers ControlNetModel, got {type(controlnet).__name__}")
         self.register_modules(controlnet=controlnet)
+        #: Run the down blocks once for branches identical there (exact; see seg_core.sharing).
+        self.share_down_blocks = True
         self.control_image_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
@@ -358,25 +362,27 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                 ]
             encoder_hidden_states = gather("prompt_embeds")
             residuals = {}
-            # Guess mode feeds the ControlNet only the conditional rows; the others get zeros.
-            rows_in = [k for k, role in enumerate(roles) if role == "cond"] if guess else range(len(roles))
-            if controlnet is not None and rows_in:
-                pick = lambda tensor: torch.cat([tensor.chunk(len(roles))[k] for k in rows_in])  # noqa: E731
+            # The ControlNet is not patched, so branches of one role get the same residuals: compute them
+            # once per role. Guess mode feeds it only the conditional role; the others get zeros.
+            control_roles = [r for r in dict.fromkeys(roles) if r == "cond" or not guess]
+            if controlnet is not None and control_roles:
                 down, mid = controlnet(
-                    pick(x), t,
-                    encoder_hidden_states=pick(encoder_hidden_states),
-                    controlnet_cond=torch.cat([control_image] * len(rows_in)),
+                    torch.cat([x] * len(control_roles)), t,
+                    encoder_hidden_states=torch.cat([conditioning[r]["prompt_embeds"] for r in control_roles]),
+                    controlnet_cond=torch.cat([control_image] * len(control_roles)),
                     conditioning_scale=control_scale,
                     guess_mode=guess,
-                    added_cond_kwargs={k: pick(added_cond_kwargs[k]) for k in ("text_embeds", "time_ids")},
+                    added_cond_kwargs={
+                        k: torch.cat([conditioning[r][k] for r in control_roles]) for k in ("text_embeds", "time_ids")
+                    },
                     return_dict=False,
                 )
-                if guess and len(rows_in) < len(roles):
-                    down = [_scatter_rows(d, rows_in, len(roles)) for d in down]
-                    mid = _scatter_rows(mid, rows_in, len(roles))
-                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+                residuals = {
+                    "down_block_additional_residuals": [_rows_by_role(d, control_roles, roles) for d in down],
+                    "mid_block_additional_residual": _rows_by_role(mid, control_roles, roles),
+                }
             return self.unet(
-                x, t,
+                torch.cat([x] * len(roles)), t,
                 encoder_hidden_states=encoder_hidden_states,
                 timestep_cond=None if timestep_cond is None else torch.cat([timestep_cond] * len(roles)),
                 cross_attention_kwargs=cross_attention_kwargs,
@@ -386,11 +392,13 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
             )[0]
 
         plan = BranchPlan()
-        guided = GuidedStep(guidance_methods, plan, guidance_scale, do_cfg, guidance_rescale)
+        sharing = DownBlockSharing() if self.share_down_blocks else None
+        guided = GuidedStep(guidance_methods, plan, guidance_scale, do_cfg, guidance_rescale, sharing)
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
         with patched_self_attention(self.unet, guided.patched_layers(), plan), \
+                shared_down_blocks(self.unet, sharing) if sharing else nullcontext(), \
                 self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
@@ -463,9 +471,8 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         return self.image_processor.postprocess(image, output_type=output_type)
 
 
-def _scatter_rows(tensor: torch.Tensor, rows_in: Sequence[int], num_branches: int) -> torch.Tensor:
-    """Put the branches of ``tensor`` back at positions ``rows_in`` among ``num_branches``, zeros elsewhere."""
-    chunks = tensor.chunk(len(rows_in))
-    zero = torch.zeros_like(chunks[0])
-    lookup = dict(zip(rows_in, chunks))
-    return torch.cat([lookup.get(k, zero) for k in range(num_branches)])
+def _rows_by_role(tensor: torch.Tensor, computed: Sequence[str], roles: Sequence[str]) -> torch.Tensor:
+    """Lay out per-role results (``computed``, one chunk each) for ``roles``; zeros for roles not computed."""
+    chunks = dict(zip(computed, tensor.chunk(len(computed))))
+    zero = torch.zeros_like(tensor.chunk(len(computed))[0])
+    return torch.cat([chunks.get(role, zero) for role in roles])

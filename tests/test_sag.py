@@ -56,7 +56,7 @@ def seg_core_sag_loop(pipe, prompt, steps, guidance_scale, sag_scale, size):
     step = GuidedStep([method], plan, guidance_scale, do_cfg)
 
     def model(x, t, roles):
-        return pipe.unet(x, t, encoder_hidden_states=torch.cat([embeds[r] for r in roles])).sample
+        return pipe.unet(torch.cat([x] * len(roles)), t, encoder_hidden_states=torch.cat([embeds[r] for r in roles])).sample
 
     timesteps = pipe.scheduler.timesteps
     with patched_self_attention(pipe.unet, step.patched_layers(), plan):
