@@ -49,6 +49,14 @@ EXAMPLES = [
     ["", "", 1.0],
 ]
 
+# Small results (the tiny model's 64 px) fill their frame with visible pixels. Sent through gr.HTML so that
+# build_demo() is complete without launch(css=...).
+STYLE = """<style>
+#result img, #compare-slider img, #control-map img { image-rendering: pixelated; width: 100%; height: 100%;
+  object-fit: contain; }
+#compare-gallery img { image-rendering: pixelated; }
+</style>"""
+
 BANNER_STYLE = ("border: 2px solid #e0a800; background: #fff8e1; color: #5d4300; border-radius: 8px; "
                 "padding: 8px 14px; line-height: 1.45")
 
@@ -141,7 +149,10 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         settings, image = ui_settings(locals())
         run, control = studio.generate(settings, image, progress=progress_reporter(progress))
         info = run.info()
-        text = (f"**{run.settings.method}** · seed **{settings.seed}** · {settings.width}×{settings.height} · "
+        method = run.settings.method
+        if settings.seg_scale > 0:
+            method += f" (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})"
+        text = (f"**{method}** · seed **{settings.seed}** · {settings.width}×{settings.height} · "
                 f"{settings.steps} steps · {info['seconds']:.2f} s · **{run.unet_evaluations} UNet evaluations** "
                 f"({info['unet_evaluations_per_step']:g} per step). The PNG carries all settings.")
         return run.path, settings.seed, text, control
@@ -256,6 +267,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         )
         banner = studio.banner
         gr.HTML(banner_html(banner) if banner else "", visible=bool(banner), elem_id="model-banner")
+        gr.HTML(STYLE, visible="hidden")
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
@@ -278,7 +290,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 with gr.Row(equal_height=True):
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (the one used is shown)",
                                      elem_id="seed", scale=3)
-                    dice = gr.Button("🎲", scale=0, min_width=50)
+                    dice = gr.Button("New seed", size="sm", scale=0, min_width=90, elem_id="new-seed")
                     randomize_seed = gr.Checkbox(value=False, label="random seed each run", scale=2,
                                                  elem_id="randomize-seed")
                 with gr.Accordion("Advanced", open=False):
@@ -288,7 +300,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         info="mid, down, up, or single self-attention layers such as m0, d4, u0",
                     )
                     with gr.Row():
-                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Guidance from (fraction of steps)")
+                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05,
+                                                   label="Guidance from (fraction of steps)")
                         guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance until")
                     with gr.Row():
                         sag_scale = gr.Slider(0.05, 5, value=1.0, step=0.05, label="SAG scale (Compare)",
@@ -318,8 +331,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                     with gr.Tab("Compare", id="compare"):
                         compare_button = gr.Button("Compare vanilla SDXL · SAG · PAG · SEG", variant="primary",
                                                    elem_id="compare-button")
-                        gallery = gr.Gallery(label="Same seed, same settings", columns=4, type="filepath",
-                                             format="png", object_fit="contain", height="auto",
+                        gallery = gr.Gallery(label="Same seed, same settings", columns=4, rows=1, type="filepath",
+                                             format="png", object_fit="contain", height=230,
                                              elem_id="compare-gallery")
                         compare_info = gr.Markdown(elem_id="compare-info")
                         compare_paths = gr.State({})

@@ -544,7 +544,8 @@ class Studio:
         return runs, control
 
     def sweep(self, settings: Settings, sigmas: Sequence, row_axis: str | None = None, row_values: Sequence = (),
-              control_image: Image.Image | None = None, progress: Progress | None = None) -> tuple[Sweep, Image.Image | None]:
+              control_image: Image.Image | None = None,
+              progress: Progress | None = None) -> tuple[Sweep, Image.Image | None]:
         """A grid over blur sigma (columns) and optionally ``seg_scale`` or ``guidance_scale`` (rows)."""
         sigmas = [parse_sigma(s) for s in sigmas]
         if row_axis in (None, "", "none"):
@@ -553,6 +554,9 @@ class Studio:
             raise ValueError(f"the second sweep axis must be 'none', 'seg_scale' or 'guidance_scale', got {row_axis!r}")
         elif not row_values:
             raise ValueError(f"give at least one {row_axis} value for the second sweep axis")
+        if settings.seg_scale <= 0 and row_axis != "seg_scale":
+            raise ValueError("a sigma sweep needs seg_scale > 0 (at seg_scale 0 the blur has no effect), got "
+                             f"{settings.seg_scale}")
         runs_total = len(sigmas) * len(row_values)
         if runs_total > MAX_SWEEP_RUNS:
             raise ValueError(f"a sweep may have at most {MAX_SWEEP_RUNS} images, got "

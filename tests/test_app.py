@@ -1,0 +1,224 @@
+"""The demo through its API (gradio_client), and the generation service behind it (seg_core.studio)."""
+
+import json
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app_server import running_demo
+from seg_core.studio import GPU, Studio, UNetCounter, labelled_grid, parse_sigma, parse_values, read_png_settings
+
+STEPS = 2  # fast on the tiny model; every path still runs
+HOUSE = "assets/control_house.png"
+
+
+@pytest.fixture(scope="session")
+def client():
+    from gradio_client import Client
+
+    _, url = running_demo()
+    return Client(url, verbose=False)
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_api_has_named_endpoints_with_library_argument_names(client):
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/generate", "/compare", "/sweep"} <= set(info)
+    params = {p["parameter_name"]: p for p in info["/generate"]["parameters"]}
+    for name in ("prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance_scale", "seg_scale",
+                 "seg_blur_sigma", "seg_applied_layers", "pag_scale", "sag_scale", "control_type", "control_image",
+                 "controlnet_conditioning_scale"):
+        assert name in params, name
+    optional = [name for name, p in params.items() if p["parameter_has_default"]]
+    assert set(params) - set(optional) == {"prompt"}
+
+
+def test_generate_writes_settings_into_the_png_and_is_reproducible(client):
+    path, info = client.predict(prompt="a jellyfish playing the drums", seed=7, steps=STEPS, api_name="/generate")
+    settings = read_png_settings(path)
+    assert settings["prompt"] == "a jellyfish playing the drums"
+    assert settings["seed"] == 7 and settings["steps"] == STEPS and settings["method"] == "SEG"
+    assert settings["seg_blur_sigma"] == "inf" and settings["seg_applied_layers"] == ["mid"]
+    assert settings["model"] == "tiny" and (settings["width"], settings["height"]) == (64, 64)
+    assert "Seed: 7" in Image.open(path).info["parameters"]
+    assert info["seed"] == 7 and info["unet_evaluations"] == 2 * STEPS  # no CFG: cond + SEG branch
+
+    again, _ = client.predict(prompt="a jellyfish playing the drums", seed=7, steps=STEPS, api_name="/generate")
+    other, _ = client.predict(prompt="a jellyfish playing the drums", seed=8, steps=STEPS, api_name="/generate")
+    assert np.array_equal(pixels(path), pixels(again))
+    assert not np.array_equal(pixels(path), pixels(other))
+
+
+def test_generate_sigma_forms_and_random_seed(client):
+    _, info = client.predict(prompt="", steps=1, seg_blur_sigma=10, seg_applied_layers=["mid", "up"],
+                             api_name="/generate")
+    assert info["settings"]["seg_blur_sigma"] == "10" and info["settings"]["seg_applied_layers"] == ["mid", "up"]
+    assert 0 <= info["seed"] < 2**32  # seed omitted: a random one, reported
+    inf_path, _ = client.predict(prompt="x", seed=3, steps=1, seg_blur_sigma="inf", api_name="/generate")
+    big_path, info = client.predict(prompt="x", seed=3, steps=1, seg_blur_sigma=10000, api_name="/generate")
+    assert info["settings"]["seg_blur_sigma"] == "inf"
+    assert np.array_equal(pixels(inf_path), pixels(big_path))
+
+
+def test_compare_labels_times_and_counts_unet_evaluations(client):
+    gallery, runs = client.predict(prompt="a corgi", seed=1, steps=STEPS, guidance_scale=5.0, api_name="/compare")
+    assert [item["caption"].split(" ")[0] for item in gallery] == ["Vanilla", "SAG", "PAG", "SEG"]
+    per_step = [run["unet_evaluations_per_step"] for run in runs]
+    assert per_step == [2, 3, 3, 3]  # CFG; CFG + one extra branch or pass
+    assert all(run["seconds"] > 0 and run["seed"] == 1 for run in runs)
+    methods = [read_png_settings(item["image"])["method"] for item in gallery]
+    assert methods == ["vanilla", "SAG", "PAG", "SEG"]
+
+
+def test_sweep_with_canny_controlnet(client):
+    from gradio_client import handle_file
+
+    grid, info = client.predict(prompt="", seed=2, steps=1, seg_blur_sigmas="1, 16, inf", second_axis="seg_scale",
+                                second_axis_values="1, 3", control_type="canny", control_image=handle_file(HOUSE),
+                                api_name="/sweep")
+    assert len(info["runs"]) == 6 and info["unet_evaluations"] == 6 * 2
+    assert info["columns"]["values"] == [1.0, 16.0, "inf"] and info["rows"]["values"] == [1.0, 3.0]
+    stored = read_png_settings(grid)
+    assert stored["control_type"] == "canny" and stored["control_image_sha256"]
+    assert stored["sweep"]["columns"]["values"] == ["1", "16", "inf"]
+    width, height = Image.open(grid).size
+    assert width > 3 * 64 and height > 2 * 64  # labels around 3 x 2 cells
+
+
+def test_controlnet_changes_the_image(client):
+    from gradio_client import handle_file
+
+    plain, _ = client.predict(prompt="", seed=4, steps=STEPS, api_name="/generate")
+    controlled, info = client.predict(prompt="", seed=4, steps=STEPS, control_type="canny",
+                                      control_image=handle_file(HOUSE), controlnet_conditioning_scale=1.5,
+                                      api_name="/generate")
+    assert info["settings"]["control_type"] == "canny"
+    assert not np.array_equal(pixels(plain), pixels(controlled))
+
+
+@pytest.mark.parametrize("bad, named", [
+    (dict(width=60), "60"),
+    (dict(seg_blur_sigma="abc"), "'abc'"),
+    (dict(seg_scale=-1), "-1"),
+    (dict(steps=0), "0"),
+    (dict(control_type="canny"), "control_image"),
+    (dict(control_type="sketch"), "'sketch'"),
+    (dict(seg_applied_layers=["middle"]), "middle"),
+])
+def test_bad_input_gives_an_error_naming_the_value(client, bad, named):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as error:
+        client.predict(**{"prompt": "x", "steps": 1, **bad}, api_name="/generate")
+    assert named in str(error.value)
+
+
+def test_depth_without_its_estimator_is_a_clear_error(client):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="depth"):
+        client.predict(prompt="x", steps=1, control_type="depth", control_image=handle_file(HOUSE),
+                       api_name="/generate")
+
+
+def test_sweep_bad_values_are_named(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="'abc'"):
+        client.predict(prompt="x", steps=1, seg_blur_sigmas="1, abc", api_name="/sweep")
+    with pytest.raises(AppError, match="'cfg'"):
+        client.predict(prompt="x", steps=1, second_axis="cfg", second_axis_values="1", api_name="/sweep")
+
+
+# ---- the service without a server -------------------------------------------------------------------
+
+
+def test_unavailable_model_falls_back_to_tiny_with_a_banner():
+    studio = Studio("sdxl")  # HF_HUB_OFFLINE=1 and nothing cached: SDXL cannot load
+    assert studio.model == "tiny" and studio.load_error
+    assert "sdxl" in studio.banner and "random weights" in studio.banner
+    assert studio.size_presets[0] == (64, 64)
+    with pytest.raises(OSError):
+        Studio("sdxl", fallback=None)
+
+
+def test_unet_counter_divides_rows_by_images_per_call():
+    import torch
+
+    class Net(torch.nn.Module):
+        def forward(self, sample, t=None):
+            return sample
+
+    module = Net()
+    with UNetCounter(module, images_per_call=2) as counter:
+        module(torch.zeros(6, 1))
+        module(sample=torch.zeros(4, 1))
+    module(torch.zeros(6, 1))  # after the block: not counted
+    assert counter.evaluations == 5
+
+
+def test_parsing_helpers():
+    assert parse_sigma("inf") == math.inf and parse_sigma(10000) == math.inf and parse_sigma("4") == 4.0
+    assert parse_values("1, 4; inf", "x", parse_sigma) == [1.0, 4.0, math.inf]
+    assert parse_values("['1', '2']", "x") == [1.0, 2.0]
+    for bad in ("-1", "nan", "x"):
+        with pytest.raises(ValueError, match="seg_blur_sigma"):
+            parse_sigma(bad)
+    with pytest.raises(ValueError, match="at least one"):
+        parse_values(" , ", "x")
+
+
+def test_labelled_grid_layout():
+    cell = Image.new("RGB", (64, 32), "red")
+    grid = labelled_grid([[cell] * 3] * 2, ["a", "b", "c"], ["row 1", "row 2"], title="t")
+    assert grid.width > 3 * 160 and grid.height > 2 * 80  # cells enlarged to at least 160 px wide
+    assert grid.getpixel((grid.width - 20, grid.height - 20)) == (255, 0, 0)  # the last cell, bottom right
+
+
+def test_gpu_decorator_is_a_no_op_without_spaces_and_uses_it_when_present(monkeypatch):
+    def f(x):
+        return x + 1
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # import fails
+    assert GPU(f) is f and GPU(duration=60)(f) is f and GPU()(f) is f
+
+    calls = []
+
+    def fake_gpu(fn=None, duration=None):
+        if fn is None:
+            return lambda g: (calls.append(("with", duration)), g)[1]
+        calls.append(("bare", None))
+        return fn
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=fake_gpu))
+    assert GPU(f)(1) == 2 and GPU(duration=60)(f)(1) == 2
+    assert calls == [("bare", None), ("with", 60)]
+
+
+def test_settings_roundtrip_through_json():
+    from seg_core.studio import Settings
+
+    settings = Settings(prompt="p", seed=3, seg_blur_sigma=math.inf, seg_applied_layers=["mid", "u0"])
+    again = Settings.from_dict(json.loads(json.dumps(settings.to_dict())))
+    assert again == settings
+
+
+def test_progress_counts_every_step_of_a_request_and_one_lock_per_model():
+    from seg_core.studio import model_lock
+
+    demo, _ = running_demo()
+    studio = demo.studio
+    assert studio.lock is model_lock("tiny")
+    assert demo._queue.max_size is not None
+    calls = []
+    studio.compare(studio.settings(prompt="", seed=0, steps=2), progress=lambda *call: calls.append(call))
+    assert [done for done, _, _ in calls] == list(range(1, 9)) and {total for _, total, _ in calls} == {8}
+    assert calls[0][2] == "Vanilla SDXL" and calls[-1][2].startswith("SEG")
