@@ -498,6 +498,8 @@ class Studio:
             value = getattr(settings, name)
             if isinstance(value, float) and value.is_integer():
                 setattr(settings, name, int(value))
+        if isinstance(settings.steps, bool) or not isinstance(settings.steps, int) or not 1 <= settings.steps <= 1000:
+            raise ValueError(f"steps must be an integer in [1, 1000], got {settings.steps!r}")
         settings.model = self.model_id
         return settings
 
