@@ -1,0 +1,247 @@
+"""What SEG costs per denoising step, measured side by side in one process.
+
+    python bench/guidance_cost.py --quick      # CPU, SDXL's block structure with narrow channels (< 3 min)
+    python bench/guidance_cost.py              # full-size SDXL UNet shapes, random weights (fp16 on CUDA)
+
+Every mode is timed in turn, round after round (interleaved), and the median is reported.  Besides wall
+time it counts FLOPs (torch.utils.flop_counter) so the measured ratios can be read against the floor.
+The last line printed is a JSON object with the headline ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_processor import Attention  # noqa: E402
+
+from seg_core.attention import BranchPlan, SmoothedEnergyAttention, patched_self_attention  # noqa: E402
+from seg_core.blur import blur_tokens  # noqa: E402
+from seg_core.methods import PAG, SAG, SEG, GuidedStep  # noqa: E402
+from seg_core.sharing import DownBlockSharing, shared_down_blocks  # noqa: E402
+
+SDXL = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), layers_per_block=2, use_linear_projection=True,
+    addition_embed_type="text_time", in_channels=4, out_channels=4,
+)
+FULL = dict(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32)
+QUICK = dict(block_out_channels=(40, 80, 160), attention_head_dim=(5, 10, 20), cross_attention_dim=128,
+             addition_time_embed_dim=16, projection_class_embeddings_input_dim=6 * 16 + 64, norm_num_groups=8)
+
+
+class Scheduler:
+    """Just what SAG reads: a DDPM alpha-bar and the prediction type."""
+
+    init_noise_sigma = 1.0
+    config = type("Config", (), {"prediction_type": "epsilon"})()
+
+    def __init__(self):
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+
+
+def build(quick: bool, device, dtype):
+    config = {**SDXL, **(QUICK if quick else FULL)}
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: a full-size UNet's 2.6e9 weights init fast there
+        unet = UNet2DConditionModel(**config)
+    unet = unet.to(dtype).eval()
+    text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    conditioning = {
+        role: {
+            "prompt_embeds": torch.randn(1, 77, config["cross_attention_dim"], device=device, dtype=dtype),
+            "text_embeds": torch.randn(1, text_dim, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]], device=device, dtype=dtype),
+        }
+        for role in ("uncond", "cond")
+    }
+
+    def model(x, t, roles):
+        gather = lambda key: torch.cat([conditioning[r][key].expand(x.shape[0], *conditioning[r][key].shape[1:])  # noqa: E731
+                                        for r in roles])
+        return unet(torch.cat([x] * len(roles)), t, encoder_hidden_states=gather("prompt_embeds"),
+                    added_cond_kwargs={"text_embeds": gather("text_embeds"), "time_ids": gather("time_ids")},
+                    return_dict=False)[0]
+
+    return unet, model
+
+
+def guided_step(unet, model, methods, do_cfg, share):
+    """A closure running one guided denoising step, with processors and hooks installed around it."""
+    for method in methods:
+        method.bind(unet)
+    plan, sharing = BranchPlan(), DownBlockSharing() if share else None
+    step = GuidedStep(methods, plan, 5.0 if do_cfg else 1.0, do_cfg, sharing=sharing)
+    scheduler = Scheduler()
+
+    def run(x, t):
+        with ExitStack() as stack:
+            stack.enter_context(patched_self_attention(unet, step.patched_layers(), plan))
+            if sharing is not None:
+                stack.enter_context(shared_down_blocks(unet, sharing))
+            return step(model, x, t, 0, 1, scheduler)
+
+    return run
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def cuda_graphed(fn):
+    """Capture ``fn`` in a CUDA graph and return its replay: GPU time without Python launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def attention_layer_modes(device, dtype, sigma, side=32):
+    """One self-attention layer of SDXL's mid block at 1024x1024 (a 32x32 grid, 1280 channels, 20 heads,
+    in every mode): the blur alone, the attention it feeds, the layer with and without the blur."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=1280, heads=20, dim_head=64, bias=False, out_bias=True).to(device, dtype).eval()
+    hidden = torch.randn(1, side * side, 1280, device=device, dtype=dtype)
+    heads, head_dim = 20, 64
+    q, k, v = (torch.randn(1, heads, side * side, head_dim, device=device, dtype=dtype) for _ in range(3))
+    with_blur, without_blur = SmoothedEnergyAttention(sigma), SmoothedEnergyAttention(0.0)
+    return {
+        "blur": lambda: blur_tokens(q, (side, side), sigma),
+        "attention": lambda: F.scaled_dot_product_attention(q, k, v),
+        "seg_layer_blur": lambda: with_blur(attn, hidden, (side, side)),
+        "seg_layer_no_blur": lambda: without_blur(attn, hidden, (side, side)),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="narrow channels on the CPU, under 3 minutes")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; quick 256)")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 10; quick 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--batch", type=int, default=1, help="images per step (rows per branch)")
+    parser.add_argument("--sigma", type=float, default=10.0, help="SEG blur sigma for the SEG modes")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    size = args.size or (256 if args.quick else 1024)
+    rounds = args.rounds or (5 if args.quick else 10)
+    latent_side = size // 8
+    unet, model = build(args.quick, device, dtype)
+    x = torch.randn(args.batch, 4, latent_side, latent_side, device=device, dtype=dtype)
+    t = torch.tensor(500, device=device)
+
+    seg = lambda: SEG(3.0, args.sigma)  # noqa: E731
+    steps = {
+        "cond": guided_step(unet, model, [], False, True),
+        "cfg": guided_step(unet, model, [], True, True),
+        "cfg_seg": guided_step(unet, model, [seg()], True, True),
+        "cfg_seg_unshared": guided_step(unet, model, [seg()], True, False),
+        "cfg_seg_inf": guided_step(unet, model, [SEG(3.0, math.inf)], True, True),
+        "seg_only": guided_step(unet, model, [seg()], False, True),
+        "seg_only_unshared": guided_step(unet, model, [seg()], False, False),
+        "cfg_pag": guided_step(unet, model, [PAG(3.0)], True, True),
+        "cfg_sag": guided_step(unet, model, [SAG(0.75)], True, True),
+    }
+    modes = {name: (lambda s=s: s(x, t)) for name, s in steps.items()}
+    # Compare view: vanilla, SAG, PAG and SEG one after another...
+    modes["compare_sequential"] = lambda: [steps[k](x, t) for k in ("cfg", "cfg_sag", "cfg_pag", "cfg_seg")]
+    # ...against the same UNet rows in one batched call (2 + 2 + 3 + 3 rows) plus SAG's extra row: a lower
+    # bound for batching the four methods into one loop.
+    modes["compare_batched_unet"] = lambda: (model(x, t, ["uncond", "cond"] * 2 + ["uncond", "cond", "cond"] * 2),
+                                             model(x, t, ["uncond"]))
+    layer_modes = attention_layer_modes(device, dtype, args.sigma)
+    if device.type == "cuda":  # single layers are launch-bound on a GPU: time their kernels alone
+        with torch.no_grad():
+            layer_modes = {name: cuda_graphed(fn) for name, fn in layer_modes.items()}
+    modes.update(layer_modes)
+
+    with torch.no_grad():
+        counted, peak = {}, {}
+        for name, fn in modes.items():  # warm-up: FLOPs, and peak memory per mode
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            counted[name] = flops(fn)
+            if device.type == "cuda":
+                peak[name] = torch.cuda.max_memory_allocated() / 2**30
+        times = {name: [] for name in modes}
+        for _ in range(rounds):
+            for name, fn in modes.items():
+                times[name].append(timed(fn, device))
+    median = {name: statistics.median(values) for name, values in times.items()}
+
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} ({dtype}), "
+          f"{'quick' if args.quick else 'full'} UNet, {size}x{size}, batch {args.batch}, sigma {args.sigma}, {rounds} rounds, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'mode':22s} {'median ms':>10s} {'GFLOP':>10s} {'peak GiB':>9s}")
+    for name in modes:
+        print(f"{name:22s} {median[name] * 1e3:10.2f} {counted[name] / 1e9:10.2f} {peak.get(name, float('nan')):9.2f}")
+
+    ratio = lambda a, b, table=median: round(table[a] / table[b], 3)  # noqa: E731
+    summary = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "mode": "quick" if args.quick else "full",
+        "size": size,
+        "batch": args.batch,
+        "cfg_seg_over_cfg": ratio("cfg_seg", "cfg"),
+        "cfg_seg_unshared_over_cfg": ratio("cfg_seg_unshared", "cfg"),
+        "cfg_seg_inf_over_cfg": ratio("cfg_seg_inf", "cfg"),
+        "seg_only_over_cond": ratio("seg_only", "cond"),
+        "seg_only_unshared_over_cond": ratio("seg_only_unshared", "cond"),
+        "cfg_pag_over_cfg": ratio("cfg_pag", "cfg"),
+        "cfg_sag_over_cfg": ratio("cfg_sag", "cfg"),
+        "flops_cfg_seg_over_cfg": ratio("cfg_seg", "cfg", counted),
+        "flops_cfg_seg_unshared_over_cfg": ratio("cfg_seg_unshared", "cfg", counted),
+        "flops_seg_only_over_cond": ratio("seg_only", "cond", counted),
+        "compare_batched_over_sequential_unet": ratio("compare_batched_unet", "compare_sequential"),
+        "blur_over_attention": ratio("blur", "attention"),
+        "seg_layer_blur_over_no_blur": ratio("seg_layer_blur", "seg_layer_no_blur"),
+    }
+    if peak:
+        summary["peak_gib"] = {k: round(v, 2) for k, v in peak.items() if not k.startswith(("blur", "attention", "seg_layer"))}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
