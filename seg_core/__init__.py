@@ -4,7 +4,7 @@ from .blur import INFINITE_SIGMA_THRESHOLD, blur_tokens, is_infinite_sigma, pape
 from .guidance import classifier_free_guidance, smoothed_energy_guidance, weakened_model_guidance
 from .methods import PAG, SAG, SEG, GuidanceMethod
 from .pipeline import StableDiffusionXLSEGPipeline, build_guidance_methods
-from .presets import CONTROLNETS, MODELS, load_pipeline, pick_runtime, preprocess_control
+from .presets import CONTROLNETS, MODELS, load_pipeline, pick_runtime, preprocess_control, with_controlnet
 
 __all__ = [
     "INFINITE_SIGMA_THRESHOLD",
@@ -23,6 +23,7 @@ __all__ = [
     "paper_kernel_size",
     "pick_runtime",
     "preprocess_control",
+    "with_controlnet",
     "smoothed_energy_guidance",
     "weakened_model_guidance",
 ]

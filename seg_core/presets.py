@@ -66,31 +66,53 @@ def load_pipeline(
     """
     runtime = pick_runtime(device, dtype)
     if model == "tiny":
-        components = tiny_sdxl_components()
-        net = tiny_controlnet(components["unet"]) if controlnet else None
-        pipe = StableDiffusionXLSEGPipeline(**components, controlnet=net, add_watermarker=False)
+        pipe = StableDiffusionXLSEGPipeline(**tiny_sdxl_components(), add_watermarker=False)
         if runtime.dtype != torch.float32:
             pipe = pipe.to(dtype=runtime.dtype)
-        return pipe.to(runtime.device)
+        pipe = pipe.to(runtime.device)
+    else:
+        repo = MODELS.get(model, model)
+        extra = {"controlnet": None}  # a saved folder's own ControlNet is used only when asked for
+        if runtime.dtype == torch.float16 and repo == SDXL_BASE:
+            from diffusers import AutoencoderKL
 
-    repo = MODELS.get(model, model)
-    extra = {"controlnet": None}  # a saved folder's own ControlNet is used only when asked for
-    if controlnet is not None:
+            # SDXL's own VAE overflows in fp16; this fine-tune does not.
+            extra["vae"] = AutoencoderKL.from_pretrained(SDXL_FP16_VAE, torch_dtype=runtime.dtype, use_safetensors=True)
+        pipe = StableDiffusionXLSEGPipeline.from_pretrained(
+            repo, torch_dtype=runtime.dtype, use_safetensors=True, **_variant(repo, runtime), **extra
+        ).to(runtime.device)
+    return pipe if controlnet is None else with_controlnet(pipe, controlnet, tiny=model == "tiny")
+
+
+def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str, tiny: bool = False):
+    """A pipeline sharing ``pipe``'s components (no second copy in memory) plus a ControlNet.
+
+    ``controlnet``: "canny", "depth", or a ControlNet Hub id or local folder; with ``tiny`` (a pipeline
+    from ``load_pipeline("tiny")``) "canny" and "depth" give a tiny random ControlNet.
+    """
+    unet = pipe.unet
+    if tiny and controlnet in CONTROLNETS:
+        net = tiny_controlnet(unet).to(unet.device)
+        if net.dtype != unet.dtype:
+            net = net.to(dtype=unet.dtype)
+    else:
         from diffusers import ControlNetModel
 
-        net_repo = CONTROLNETS.get(controlnet, controlnet)
-        extra["controlnet"] = ControlNetModel.from_pretrained(
-            net_repo, torch_dtype=runtime.dtype, use_safetensors=True, **_variant(net_repo, runtime)
-        )
-    if runtime.dtype == torch.float16 and repo == SDXL_BASE:
-        from diffusers import AutoencoderKL
-
-        # SDXL's own VAE overflows in fp16; this fine-tune does not.
-        extra["vae"] = AutoencoderKL.from_pretrained(SDXL_FP16_VAE, torch_dtype=runtime.dtype, use_safetensors=True)
-    pipe = StableDiffusionXLSEGPipeline.from_pretrained(
-        repo, torch_dtype=runtime.dtype, use_safetensors=True, **_variant(repo, runtime), **extra
+        repo = CONTROLNETS.get(controlnet, controlnet)
+        runtime = Runtime(unet.device, unet.dtype)
+        try:
+            net = ControlNetModel.from_pretrained(
+                repo, torch_dtype=unet.dtype, use_safetensors=True, **_variant(repo, runtime)
+            ).to(unet.device)
+        except Exception as error:  # no network, no cache, a bad id
+            raise RuntimeError(f"the ControlNet {repo} could not be loaded: {str(error).splitlines()[0]}") from error
+    derived = StableDiffusionXLSEGPipeline(
+        **{**pipe.components, "controlnet": net},
+        force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
+        add_watermarker=pipe.watermark is not None,
     )
-    return pipe.to(runtime.device)
+    derived.share_down_blocks = pipe.share_down_blocks
+    return derived
 
 
 def _variant(repo: str, runtime: Runtime) -> dict:

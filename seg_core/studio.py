@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .blur import INFINITE_SIGMA_THRESHOLD
 from .pipeline import StableDiffusionXLSEGPipeline
-from .presets import CONTROLNETS, DEPTH_ESTIMATOR, MODELS, load_pipeline, preprocess_control
+from .presets import DEPTH_ESTIMATOR, MODELS, load_pipeline, preprocess_control, with_controlnet
 
 logger = logging.getLogger(__name__)
 
@@ -450,30 +450,7 @@ class Studio:
             pipe = load_pipeline(self.model, device=self.device)
         else:
             # Share the base pipeline's components: a second SDXL copy would double the memory.
-            base = self._pipes["none"]
-            if self.is_tiny:
-                from .tiny import tiny_controlnet
-
-                net = tiny_controlnet(base.unet).to(base.unet.device)
-                if net.dtype != base.unet.dtype:
-                    net = net.to(dtype=base.unet.dtype)
-            else:
-                from diffusers import ControlNetModel
-
-                repo = CONTROLNETS[control_type]
-                variant = {"variant": "fp16"} if base.unet.dtype == torch.float16 else {}
-                try:
-                    net = ControlNetModel.from_pretrained(repo, torch_dtype=base.unet.dtype,
-                                                          use_safetensors=True, **variant)
-                except Exception as error:
-                    raise RuntimeError(f"the {control_type} ControlNet {repo} could not be loaded: "
-                                       f"{str(error).splitlines()[0]}") from error
-                net = net.to(base.unet.device)
-            pipe = StableDiffusionXLSEGPipeline(
-                **base.components | {"controlnet": net},
-                force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
-                add_watermarker=base.watermark is not None,
-            )
+            pipe = with_controlnet(self._pipes["none"], control_type, tiny=self.is_tiny)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
