@@ -9,6 +9,7 @@ it needs a second call.  A new method subclasses :class:`GuidanceMethod` and not
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -34,8 +35,8 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
 
 
 def check_scale(name: str, value, upper: float = 100.0) -> float:
-    """ValueError unless ``value`` is a finite number in [0, upper]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """ValueError unless ``value`` is a finite number in [0, upper] (numpy scalars too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number in [0, {upper:g}], got {value!r}")
     if not 0 <= value <= upper:
         raise ValueError(f"{name} must be in [0, {upper:g}], got {value}")
@@ -45,7 +46,8 @@ def check_scale(name: str, value, upper: float = 100.0) -> float:
 def check_interval(start, end, prefix: str) -> tuple[float, float]:
     """ValueError unless 0 <= start < end <= 1."""
     for name, value in ((f"{prefix}_start", start), (f"{prefix}_end", end)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        # (NaN fails the range test too)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
     if start >= end:
         raise ValueError(f"{prefix}_start ({start}) must be below {prefix}_end ({end})")

@@ -27,6 +27,10 @@ from .sharing import DownBlockSharing, shared_down_blocks
 from .methods import PAG, SAG, SEG, GuidanceMethod, GuidedStep, check_interval, check_scale
 
 MAX_STEPS = 1000
+#: Input limits of ``__call__`` (every one is checked at the boundary with a ValueError naming the value).
+MAX_SIDE = 4096  # pixels, per side (SDXL is trained around 1024)
+MAX_ROWS = 64  # images per call: len(prompt) * num_images_per_prompt
+MAX_PROMPT_CHARS = 10_000  # per prompt; the CLIP encoders read the first 77 tokens anyway
 
 
 def build_guidance_methods(
@@ -108,19 +112,45 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         return image.repeat_interleave(repeat_by, dim=0).to(device=device, dtype=dtype)
 
     def _check_call(self, height, width, num_inference_steps, guidance_scale, guidance_rescale, image,
-                    controlnet_conditioning_scale, control_guidance_start, control_guidance_end):
+                    controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                    prompts=(), num_images_per_prompt=1, eta=0.0, denoising_end=None, clip_skip=None):
         for name, value in (("height", height), ("width", width)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8 (at least 8), got {value!r}")
+            if value is not None and value > MAX_SIDE:
+                raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_SIDE}], got {value}")
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {num_inference_steps!r}")
         check_scale("guidance_scale", guidance_scale)
         check_scale("guidance_rescale", guidance_rescale, 1.0)
+        check_scale("eta", eta, 1.0)
+        if denoising_end is not None:
+            if isinstance(denoising_end, bool) or not isinstance(denoising_end, (int, float)) or not 0 < denoising_end <= 1:
+                raise ValueError(f"denoising_end must be None or a fraction in (0, 1], got {denoising_end!r}")
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+            raise ValueError(f"clip_skip must be None or an integer >= 0, got {clip_skip!r}")
+        if num_images_per_prompt is None:
+            num_images_per_prompt = 1
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or not 1 <= num_images_per_prompt <= MAX_ROWS:
+            raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_ROWS}], got {num_images_per_prompt!r}")
+        for name, prompt in prompts:
+            if prompt is None:
+                continue
+            items = prompt if isinstance(prompt, list) else [prompt]
+            if not items or not all(isinstance(item, str) for item in items):
+                raise ValueError(f"{name} must be a string or a non-empty list of strings, got {_short_repr(prompt)}")
+            for item in items:
+                if len(item) > MAX_PROMPT_CHARS:
+                    raise ValueError(f"{name} must be at most {MAX_PROMPT_CHARS} characters, got {len(item)}")
+            if name == "prompt" and len(items) * num_images_per_prompt > MAX_ROWS:
+                raise ValueError(f"len(prompt) x num_images_per_prompt must be at most {MAX_ROWS} images, got "
+                                 f"{len(items)} x {num_images_per_prompt}")
         if self.controlnet is None and image is not None:
             raise ValueError("a control `image` was given, but this pipeline has no `controlnet` component")
         if self.controlnet is not None:
             if image is None:
                 raise ValueError("this pipeline has a ControlNet: pass the control `image`")
+            _check_control_image(image)
             check_scale("controlnet_conditioning_scale", controlnet_conditioning_scale, 10.0)
             check_interval(control_guidance_start, control_guidance_end, "control_guidance")
 
@@ -219,7 +249,11 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         self._check_call(height, width, num_inference_steps, guidance_scale, guidance_rescale, image,
-                         controlnet_conditioning_scale, control_guidance_start, control_guidance_end)
+                         controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                         prompts=(("prompt", prompt), ("prompt_2", prompt_2), ("negative_prompt", negative_prompt),
+                                  ("negative_prompt_2", negative_prompt_2)),
+                         num_images_per_prompt=num_images_per_prompt, eta=eta, denoising_end=denoising_end,
+                         clip_skip=clip_skip)
         if guidance_methods is None:
             guidance_methods = build_guidance_methods(
                 seg_scale, seg_blur_sigma, seg_applied_layers, seg_blur_target, seg_blur_kernel,
@@ -476,3 +510,33 @@ def _rows_by_role(tensor: torch.Tensor, computed: Sequence[str], roles: Sequence
     chunks = dict(zip(computed, tensor.chunk(len(computed))))
     zero = torch.zeros_like(tensor.chunk(len(computed))[0])
     return torch.cat([chunks.get(role, zero) for role in roles])
+
+
+def _short_repr(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_control_image(image) -> None:
+    """ValueError unless ``image`` is a PIL image, array or tensor (or a list of them) of a usable size."""
+    import numpy as np
+    from PIL import Image
+
+    items = image if isinstance(image, list) else [image]
+    if not items:
+        raise ValueError("image must be a PIL image, numpy array or torch tensor (or a list of them), got []")
+    for item in items:
+        if isinstance(item, Image.Image):
+            width, height = item.size
+        elif isinstance(item, (np.ndarray, torch.Tensor)):
+            if item.ndim not in (2, 3, 4):
+                raise ValueError(f"image arrays must have 2 to 4 dimensions, got shape {tuple(item.shape)}")
+            if isinstance(item, torch.Tensor) and item.ndim >= 3:
+                height, width = item.shape[-2:]
+            else:
+                height, width = item.shape[-3:-1] if item.ndim == 4 else item.shape[:2]
+        else:
+            raise ValueError("image must be a PIL image, numpy array or torch tensor (or a list of them), "
+                             f"got {type(item).__name__}")
+        if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
+            raise ValueError(f"image sides must be in [8, {MAX_SIDE}] pixels, got {width}x{height}")
