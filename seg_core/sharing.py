@@ -30,6 +30,8 @@ class DownBlockSharing:
         self.sources = [distinct.index(key) for key in branch_keys]
 
     def _distinct(self, tensor):
+        if isinstance(tensor, (tuple, list)):  # e.g. IP-Adapter's (text, [image]) hidden states
+            return type(tensor)(self._distinct(t) for t in tensor)
         if not isinstance(tensor, torch.Tensor) or tensor.ndim == 0 or tensor.shape[0] % self.num_branches:
             return tensor
         chunks = tensor.chunk(self.num_branches)

@@ -1,0 +1,48 @@
+"""IP-Adapter image embeddings reach every branch (the SEG authors prepared them for 2 of 3 branches)."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from conftest import generator
+from seg_core import StableDiffusionXLSEGPipeline
+
+
+def load_tiny_ip_adapter(unet, clip_dim=32, seed=0):
+    """A random IP-Adapter in the layout of the published checkpoints, loaded with diffusers' loader."""
+    torch.manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    image_proj = {"proj.weight": torch.randn(4 * cross, clip_dim) * 0.2, "proj.bias": torch.zeros(4 * cross),
+                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    modules = dict(unet.named_modules())
+    cross_layers = [n[: -len(".processor")] for n in unet.attn_processors if n.endswith("attn2.processor")]
+    ip_layers = {}
+    for i, name in enumerate(cross_layers):  # the checkpoints number cross-attentions 1, 3, 5, ...
+        hidden = modules[name].to_q.out_features
+        ip_layers[f"{1 + 2 * i}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.2
+        ip_layers[f"{1 + 2 * i}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_layers}])
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no-cfg"])
+def test_ip_adapter_embeddings_in_every_branch(components, guidance_scale):
+    load_tiny_ip_adapter(components["unet"])
+    do_cfg = guidance_scale > 1
+    image = torch.randn(1, 1, 32, generator=generator(3))
+    embeds = [torch.cat([torch.zeros_like(image), image]) if do_cfg else image]
+    ours = StableDiffusionXLSEGPipeline(**components, add_watermarker=False)
+    base = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    for pipe in (ours, base):
+        pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=3, guidance_scale=guidance_scale, output_type="latent")
+    run = lambda pipe, e, **kw: pipe("a cat", generator=generator(), ip_adapter_image_embeds=e, **kwargs, **kw).images  # noqa: E731
+
+    plain = run(ours, embeds, seg_scale=0)
+    torch.testing.assert_close(plain, run(base, embeds), rtol=0, atol=0)
+    other_image = [e * -1 for e in embeds]
+    assert not torch.allclose(plain, run(ours, other_image, seg_scale=0), atol=1e-4)  # the adapter matters
+    for method in (dict(seg_scale=3.0), dict(seg_scale=0, pag_scale=3.0), dict(seg_scale=3.0, sag_scale=1.0)):
+        guided = run(ours, embeds, **method)
+        assert torch.isfinite(guided).all() and not torch.allclose(guided, plain, atol=1e-4), method
+    ours.share_down_blocks = False  # the shared down path gets the image embeddings right too
+    torch.testing.assert_close(run(ours, embeds, seg_scale=3.0, sag_scale=1.0), guided, rtol=1e-5, atol=1e-5)
