@@ -12,10 +12,13 @@ except ImportError:
     pass
 
 import argparse
+import base64
+import binascii
 import dataclasses
 import functools
 import html
 import inspect
+import logging
 import math
 import os
 import random
@@ -23,10 +26,14 @@ import re
 from pathlib import Path
 
 import gradio as gr
+from gradio.context import LocalContext
+from gradio_client.utils import is_http_url_like
 
 from seg_core.studio import (
     CONTROL_TYPES,
     GPU,
+    GenerationCancelled,
+    Limits,
     Settings,
     Studio,
     depth_available,
@@ -35,9 +42,11 @@ from seg_core.studio import (
     parse_values,
 )
 
+logger = logging.getLogger("seg_app")
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 PAPER_URL = "https://arxiv.org/abs/2408.00760"
-QUEUE_SIZE = 16
+QUEUE_SIZE = 16  # requests waiting; more are refused with "queue is full"
 SWEEP_AXES = {"none": "none", "SEG scale": "seg_scale", "CFG scale": "guidance_scale"}
 
 # Prompts in the spirit of the paper's figures; the empty one is unconditional generation (Table 1).
@@ -85,16 +94,81 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def show_errors(fn):
-    """Library errors (ValueError naming the bad value, RuntimeError for what cannot be loaded) -> gr.Error."""
+    """Library errors (ValueError naming the bad value, RuntimeError for what cannot be loaded or out of
+    memory) -> gr.Error with their message; anything else -> a short gr.Error, logged. The server goes on."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except GenerationCancelled as error:
+            raise gr.Error(str(error), print_exception=False) from error
         except (ValueError, RuntimeError, OSError) as error:
             raise gr.Error(str(error), print_exception=False) from error
+        except Exception as error:
+            logger.exception("request failed")
+            raise gr.Error(f"the request failed ({type(error).__name__}); the server logged it",
+                           print_exception=False) from error
 
     return wrapper
+
+
+def cancellation_check():
+    """For the Gradio event running this handler, a function that turns True once the event was
+    cancelled (``/cancel``, e.g. ``job.cancel()`` in gradio_client) or its client went away (tab closed).
+
+    Gradio cannot stop a handler's thread; it drops a cancelled event from its running jobs and marks
+    the event of a lost client as not alive. Generation polls this after every denoising step.
+    None outside a Gradio event (a direct call, or a ZeroGPU worker process).
+    """
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
+        return None
+
+    def should_stop() -> bool:
+        for job in list(queue.active_jobs):
+            for event in job or ():
+                if event._id == event_id:
+                    return not event.alive
+        return True
+
+    return should_stop
+
+
+class ControlImage(gr.Image):
+    """An image input that hands the handler the uploaded file itself, for seg_core to decode defensively
+    (size checked before decoding, modes converted, clear errors), and never fetches a URL a request names.
+    Gradio already refuses paths that are not its own uploads."""
+
+    is_template = True  # the frontend is gr.Image's
+
+    def __init__(self, *args, max_upload_mb: float = Limits.max_upload_mb, **kwargs):
+        super().__init__(*args, type="filepath", **kwargs)
+        self.max_upload_mb = max_upload_mb
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path):
+        if url_or_file_path is not None and is_http_url_like(str(url_or_file_path)):
+            raise gr.Error("control_image must be an uploaded file; this server fetches no URLs",
+                           print_exception=False)
+        return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):
+            encoded = payload.url.partition(",")[2]
+            if len(encoded) * 3 / 4 > self.max_upload_mb * 2**20:
+                raise gr.Error(f"control_image must be at most {self.max_upload_mb:g} MB", print_exception=False)
+            try:
+                return base64.b64decode(encoded, validate=False)
+            except (binascii.Error, ValueError):
+                raise gr.Error("control_image: the data URL is not valid base64", print_exception=False) from None
+        if payload.path is None:
+            raise gr.Error("control_image: no file was uploaded", print_exception=False)
+        return payload.path
 
 
 def progress_reporter(progress: gr.Progress):
@@ -110,9 +184,18 @@ def run_table(runs) -> str:
     return "\n".join(rows)
 
 
-def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | None = None) -> gr.Blocks:
-    """The demo on ``model`` ("sdxl", "tiny", a Hub id or a folder); falls back to tiny with a banner."""
-    studio = studio or Studio(model, device=device)
+def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | None = None,
+               limits: Limits | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+    """The demo on ``model`` ("sdxl", "tiny", a Hub id or a folder); falls back to tiny with a banner.
+
+    ``limits`` (seg_core.studio.Limits) bound every request; ``queue_size`` requests may wait, more are
+    refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload size limit.
+    Only the operator picks the model: no request can name one.
+    """
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
+    studio = studio or Studio(model, device=device, limits=limits)
+    limits = studio.limits
     sizes = [(f"{w}×{h}", f"{w}x{h}") for w, h in studio.size_presets]
     control_choices = [c for c in CONTROL_TYPES if c != "depth" or depth_available()]
     control_examples = sorted(str(p) for p in ASSETS.glob("control_*.png"))
@@ -147,7 +230,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                     log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
                     control_image, controlnet_conditioning_scale, progress=gr.Progress()):
         settings, image = ui_settings(locals())
-        run, control = studio.generate(settings, image, progress=progress_reporter(progress))
+        run, control = studio.generate(settings, image, progress=progress_reporter(progress),
+                                       should_stop=cancellation_check())
         info = run.info()
         method = run.settings.method
         if settings.seg_scale > 0:
@@ -164,7 +248,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                    control_image, controlnet_conditioning_scale, sag_scale, pag_scale, progress=gr.Progress()):
         settings, image = ui_settings(locals())
         runs, control = studio.compare(settings, image, float(sag_scale), float(pag_scale),
-                                       progress=progress_reporter(progress))
+                                       progress=progress_reporter(progress), should_stop=cancellation_check())
         paths = {run.label: run.path for run in runs}
         labels = list(paths)
         gallery = [(run.path, f"{run.label} · {run.seconds:.2f} s · {run.unet_evaluations} UNet evals")
@@ -185,7 +269,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         sigmas = parse_values(sweep_sigmas, "blur σ values", parse_sigma)
         axis = SWEEP_AXES.get(sweep_axis, sweep_axis)
         values = parse_values(sweep_values, f"{sweep_axis} values") if axis != "none" else []
-        sweep, control = studio.sweep(settings, sigmas, axis, values, image, progress=progress_reporter(progress))
+        sweep, control = studio.sweep(settings, sigmas, axis, values, image, progress=progress_reporter(progress),
+                                      should_stop=cancellation_check())
         info = sweep.info()
         text = (f"Seed **{settings.seed}** · {len(info['runs'])} images · {info['seconds']:.2f} s · "
                 f"{info['unet_evaluations']} UNet evaluations. The PNG carries all settings and both axes.")
@@ -219,7 +304,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         every setting) and a JSON summary (seed used, time, UNet evaluations). seed -1: random;
         seg_blur_sigma: a number, or "inf" (values > 9999 are infinite too)."""
         settings, image = api_settings(locals())
-        run, _ = studio.generate(settings, image, progress=progress_reporter(progress))
+        run, _ = studio.generate(settings, image, progress=progress_reporter(progress),
+                                 should_stop=cancellation_check())
         return run.path, run.info()
 
     @GPU(duration=120)
@@ -234,7 +320,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         sag, pag = values.pop("sag_scale"), values.pop("pag_scale")
         sag, pag = 1.0 if sag is None else float(sag), 3.0 if pag is None else float(pag)
         settings, image = api_settings(values)
-        runs, _ = studio.compare(settings, image, sag, pag, progress=progress_reporter(progress))
+        runs, _ = studio.compare(settings, image, sag, pag, progress=progress_reporter(progress),
+                                 should_stop=cancellation_check())
         return [(run.path, run.label) for run in runs], [run.info() for run in runs]
 
     @GPU(duration=300)
@@ -252,7 +339,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         axis_values = values.pop("second_axis_values")
         axis_values = parse_values(axis_values, "second_axis_values") if axis != "none" else []
         settings, image = api_settings(values)
-        result, _ = studio.sweep(settings, sigmas, axis, axis_values, image, progress=progress_reporter(progress))
+        result, _ = studio.sweep(settings, sigmas, axis, axis_values, image, progress=progress_reporter(progress),
+                                 should_stop=cancellation_check())
         return result.path, result.info()
 
     # ---- layout ---------------------------------------------------------------------------------------
@@ -271,9 +359,10 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", max_length=limits.max_prompt_chars,
                                     placeholder="Leave empty for unconditional generation, as in the paper")
-                negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt")
+                negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
+                                             max_length=limits.max_prompt_chars)
                 with gr.Row():
                     seg_scale = gr.Slider(0, 10, value=3.0, step=0.1, label="SEG scale",
                                           info="the authors keep 3 and vary σ", elem_id="seg-scale")
@@ -286,7 +375,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                                  scale=1, min_width=100)
                 with gr.Row():
                     size = gr.Dropdown(sizes, value=sizes[0][1], label="Size (width × height)", elem_id="size")
-                    steps = gr.Slider(1, 100, value=studio.default_steps, step=1, label="Steps", elem_id="steps")
+                    steps = gr.Slider(1, min(100, limits.max_steps), value=studio.default_steps, step=1, label="Steps",
+                                      elem_id="steps")
                 with gr.Row(equal_height=True):
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (the one used is shown)",
                                      elem_id="seed", scale=3)
@@ -312,8 +402,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                             info=None if "depth" in control_choices else
                                             "depth needs its estimator's weights (Hub), not available here")
                     with gr.Row():
-                        control_image = gr.Image(type="pil", label="Control image", sources=["upload", "clipboard"],
-                                                 height=200, elem_id="control-image")
+                        control_image = ControlImage(label="Control image", sources=["upload", "clipboard"],
+                                                     height=200, elem_id="control-image",
+                                                     max_upload_mb=limits.max_upload_mb)
                         control_map = gr.Image(label="Control map (what the ControlNet sees)", interactive=False,
                                                height=200, format="png", elem_id="control-map")
                     if control_examples:
@@ -407,7 +498,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 "perturbation_guidance_start": lambda: gr.Number(0.0),
                 "perturbation_guidance_end": lambda: gr.Number(1.0),
                 "control_type": lambda: gr.Textbox("none"),
-                "control_image": lambda: gr.Image(type="pil"),
+                "control_image": lambda: ControlImage(max_upload_mb=limits.max_upload_mb),
                 "controlnet_conditioning_scale": lambda: gr.Number(1.0),
             }
             names = overrides["names"]
@@ -427,8 +518,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 gr.Button(visible=False).click(fn, inputs, outputs(), api_name=fn.__name__,
                                                concurrency_limit=1, concurrency_id="generation")
 
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
     demo.studio = studio  # for tests and scripts
+    demo.launch_options = {"max_file_size": int(limits.max_upload_mb * 2**20)}  # bytes
     return demo
 
 
@@ -442,9 +534,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="also create a public Gradio share link")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, mps, cpu (default: best)")
+    defaults = Limits()
+    limit = parser.add_argument_group("limits (what one request may ask for; see docs/LIMITS.md)")
+    limit.add_argument("--max-pixels", type=int, default=_env("SEG_MAX_PIXELS", int, defaults.max_pixels),
+                       help=f"width x height of one image (default {defaults.max_pixels}; $SEG_MAX_PIXELS)")
+    limit.add_argument("--max-steps", type=int, default=_env("SEG_MAX_STEPS", int, defaults.max_steps),
+                       help=f"denoising steps per image, at most 1000 (default {defaults.max_steps}; $SEG_MAX_STEPS)")
+    limit.add_argument("--max-prompt-chars", type=int,
+                       default=_env("SEG_MAX_PROMPT_CHARS", int, defaults.max_prompt_chars),
+                       help=f"characters per prompt (default {defaults.max_prompt_chars}; $SEG_MAX_PROMPT_CHARS)")
+    limit.add_argument("--max-upload-mb", type=float, default=_env("SEG_MAX_UPLOAD_MB", float, defaults.max_upload_mb),
+                       help=f"control image file size in MB (default {defaults.max_upload_mb:g}; $SEG_MAX_UPLOAD_MB)")
+    limit.add_argument("--max-image-side", type=int,
+                       default=_env("SEG_MAX_IMAGE_SIDE", int, defaults.max_image_side),
+                       help=f"control image sides in pixels (default {defaults.max_image_side}; $SEG_MAX_IMAGE_SIDE)")
+    limit.add_argument("--queue-size", type=int, default=_env("SEG_QUEUE_SIZE", int, QUEUE_SIZE),
+                       help=f"requests that may wait; more are refused (default {QUEUE_SIZE}; $SEG_QUEUE_SIZE)")
     args = parser.parse_args(argv)
-    demo = build_demo(args.model, device=args.device)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    try:
+        limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
+                        max_upload_mb=args.max_upload_mb, max_image_side=args.max_image_side)
+        if args.queue_size < 1:
+            raise ValueError(f"queue_size must be a positive integer, got {args.queue_size}")
+    except ValueError as error:
+        parser.error(str(error))
+    demo = build_demo(args.model, device=args.device, limits=limits, queue_size=args.queue_size)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **demo.launch_options)
+
+
+def _env(name: str, kind, default):
+    """An operator setting from the environment (a bad value stops the server with its name)."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise SystemExit(f"${name} must be a number, got {text!r}") from None
 
 
 if __name__ == "__main__":

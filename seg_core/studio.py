@@ -9,24 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import random
 import re
+import struct
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from .blur import INFINITE_SIGMA_THRESHOLD
-from .pipeline import StableDiffusionXLSEGPipeline
+from .attention import resolve_layers
+from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline
 from .presets import DEPTH_ESTIMATOR, MODELS, load_pipeline, preprocess_control, with_controlnet
 
 logger = logging.getLogger(__name__)
@@ -51,6 +56,122 @@ TINY_BANNER = (
     "fraction of a second and draws noise, not pictures: use it to try every control of this demo, "
     "not to judge image quality."
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# Limits: what a public server accepts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; the operator sets these (app.py flags). Defaults suit a shared GPU."""
+
+    max_pixels: int = 2048 * 2048  # width x height of one image
+    max_steps: int = 150  # denoising steps of one image
+    max_prompt_chars: int = 1000  # per prompt (CLIP reads the first 77 tokens anyway)
+    max_upload_mb: float = 10.0  # control image file size
+    max_image_side: int = 4096  # control image sides after decoding (and at most max_image_side^2 pixels)
+    max_sweep_images: int = 64  # images in one sweep
+    max_layer_names: int = 32  # entries in seg_applied_layers
+
+    def __post_init__(self):
+        for name in ("max_pixels", "max_steps", "max_prompt_chars", "max_image_side", "max_sweep_images",
+                     "max_layer_names"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.max_upload_mb, (int, float)) and math.isfinite(self.max_upload_mb)
+                and self.max_upload_mb > 0):
+            raise ValueError(f"max_upload_mb must be a positive number, got {self.max_upload_mb!r}")
+        if self.max_pixels < 64:
+            raise ValueError(f"max_pixels must be at least 64 (8x8), got {self.max_pixels}")
+        if self.max_steps > 1000:
+            raise ValueError(f"max_steps must be at most 1000 (the pipeline's limit), got {self.max_steps}")
+        if self.max_image_side < 8:
+            raise ValueError(f"max_image_side must be at least 8, got {self.max_image_side}")
+
+
+MIN_IMAGE_SIDE = 8  # pixels: a smaller control image carries nothing to fit to the output size
+
+
+class GenerationCancelled(Exception):
+    """The request was cancelled (its client went away); its work stopped at the next denoising step."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory during a request; the model was left clean."""
+
+
+def load_control_image(source, limits: Limits = Limits()) -> Image.Image:
+    """An RGB control image from a PIL image, a file path or bytes, decoded defensively.
+
+    Refuses what is not an image, a file over ``limits.max_upload_mb``, sides under 8 or over
+    ``limits.max_image_side`` pixels (checked from the header, before decoding: no decompression bombs).
+    Converts grayscale, 16-bit, float, palette, CMYK and transparent images to 8-bit RGB (transparent
+    pixels on white) and applies the EXIF orientation.
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(_checked_size(source, limits))
+    if isinstance(source, (bytes, bytearray)):
+        size, opener = len(source), lambda: io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise ValueError("control_image could not be read (no such uploaded file)") from None
+        opener = lambda: path  # noqa: E731
+    else:
+        raise ValueError(f"control_image must be an image file, got {type(source).__name__}")
+    if size > limits.max_upload_mb * 2**20:
+        raise ValueError(f"control_image must be at most {limits.max_upload_mb:g} MB, got {size / 2**20:.1f} MB")
+    if size == 0:
+        raise ValueError("control_image is an empty file, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(opener()) as image:
+                _checked_size(image, limits)  # from the header, before any pixel is decoded
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
+    except ValueError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"control_image is not a readable image (PNG, JPEG, WebP, ...): "
+                         f"{type(error).__name__}") from None
+    except (OSError, SyntaxError, EOFError, struct.error, MemoryError) as error:
+        raise ValueError(f"control_image is corrupt or truncated ({type(error).__name__})") from None
+
+
+def _checked_size(image: Image.Image, limits: Limits) -> Image.Image:
+    width, height = image.size
+    if min(width, height) < MIN_IMAGE_SIDE or max(width, height) > limits.max_image_side:
+        raise ValueError(f"control_image sides must be in [{MIN_IMAGE_SIDE}, {limits.max_image_side}] pixels, "
+                         f"got {width}x{height}")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit and float data rescaled (not clipped), transparency flattened onto white."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            array = array / 257.0
+        elif mode == "I" and 0 <= array.min() and array.max() <= 65535:
+            array = array / (257.0 if array.max() > 255 else 1.0)
+        else:  # floats or 32-bit integers: stretch what is there
+            low, high = float(np.nanmin(array)), float(np.nanmax(array))
+            array = (np.nan_to_num(array, nan=low) - low) / max(high - low, 1e-12) * 255.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +246,9 @@ def parse_layers(value) -> list[str]:
 
 def resolve_seed(seed) -> int:
     """The seed to use: a random one for None or a negative number."""
-    if seed is None or (isinstance(seed, (int, float)) and seed < 0):
+    if isinstance(seed, float) and not math.isfinite(seed):
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
+    if seed is None or (isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed < 0):
         return random.randint(0, MAX_SEED)
     if isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed) or seed > MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
@@ -382,11 +505,13 @@ class Studio:
         device: torch device (by default CUDA, else MPS, else CPU).
         fallback: the model to use when ``model`` cannot be loaded; None to raise instead.
         output_dir: where PNG files are written (default: a new temporary folder).
+        limits: what one request may ask for (:class:`Limits`).
     """
 
     def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = "tiny",
-                 output_dir: str | None = None):
+                 output_dir: str | None = None, limits: Limits | None = None):
         self.requested_model = model
+        self.limits = limits or Limits()
         self.device = device
         self.load_error: str | None = None
         self._pipes: dict[str | None, StableDiffusionXLSEGPipeline] = {}
@@ -430,11 +555,17 @@ class Studio:
 
     @property
     def size_presets(self) -> list[tuple[int, int]]:
-        return TINY_SIZES if self.is_tiny else SDXL_SIZES
+        """The model's sizes within the pixel budget (at least the smallest one, shrunk to fit)."""
+        sizes = TINY_SIZES if self.is_tiny else SDXL_SIZES
+        fitting = [(w, h) for w, h in sizes if w * h <= self.limits.max_pixels]
+        if fitting:
+            return fitting
+        side = max(8, int(math.isqrt(self.limits.max_pixels)) // 8 * 8)
+        return [(side, side)]
 
     @property
     def default_steps(self) -> int:
-        return 8 if self.is_tiny else 25
+        return min(8 if self.is_tiny else 25, self.limits.max_steps)
 
     def pipeline(self, control_type: str = "none") -> StableDiffusionXLSEGPipeline:
         """The pipeline for ``control_type`` ("none", "canny", "depth"), loaded once and cached."""
@@ -475,34 +606,65 @@ class Studio:
             value = getattr(settings, name)
             if isinstance(value, float) and value.is_integer():
                 setattr(settings, name, int(value))
-        if isinstance(settings.steps, bool) or not isinstance(settings.steps, int) or not 1 <= settings.steps <= 1000:
-            raise ValueError(f"steps must be an integer in [1, 1000], got {settings.steps!r}")
+        limits = self.limits
+        if isinstance(settings.steps, bool) or not isinstance(settings.steps, int) or not 1 <= settings.steps <= limits.max_steps:
+            raise ValueError(f"steps must be an integer in [1, {limits.max_steps}], got {settings.steps!r}")
+        for name in ("width", "height"):
+            value = getattr(settings, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_SIDE or value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_SIDE}], got {value!r}")
+        if settings.width * settings.height > limits.max_pixels:
+            raise ValueError(f"width x height must be at most {limits.max_pixels} pixels on this server, got "
+                             f"{settings.width}x{settings.height} = {settings.width * settings.height}")
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(settings, name)
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+            if len(value) > limits.max_prompt_chars:
+                raise ValueError(f"{name} must be at most {limits.max_prompt_chars} characters, got {len(value)}")
+        if len(settings.seg_applied_layers) > limits.max_layer_names:
+            raise ValueError(f"seg_applied_layers may name at most {limits.max_layer_names} layers, got "
+                             f"{len(settings.seg_applied_layers)}")
+        for layer in settings.seg_applied_layers:
+            if len(layer) > 16:
+                raise ValueError(f"unknown attention layer {layer[:16]!r}... (layer names are short: mid, d4, u0)")
+        resolve_layers(self.pipeline("none").unet, settings.seg_applied_layers)  # unknown names: ValueError
         settings.model = self.model_id
         return settings
 
-    def control_map(self, control_type: str, image: Image.Image | None, width: int, height: int) -> Image.Image | None:
-        """The preprocessed control map for ``image`` cropped and resized to the output size."""
+    def control_map(self, control_type: str, image, width: int, height: int) -> Image.Image | None:
+        """The preprocessed control map for ``image`` (a PIL image, an uploaded file's path or its bytes,
+        decoded by :func:`load_control_image`) cropped and resized to the output size."""
         if control_type in (None, "none"):
             return None
+        if control_type not in CONTROL_TYPES:
+            raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {control_type!r}")
         if image is None:
             raise ValueError(f"control_type {control_type!r} needs a control_image")
-        fitted = ImageOps.fit(image.convert("RGB"), (int(width), int(height)), Image.LANCZOS)
+        image = load_control_image(image, self.limits)
+        fitted = ImageOps.fit(image, (int(width), int(height)), Image.LANCZOS)
         return preprocess_control(control_type, fitted)
 
     # ---- requests ---------------------------------------------------------------------------------
 
     def generate(self, settings: Settings, control_image: Image.Image | None = None,
-                 progress: Progress | None = None) -> tuple[Run, Image.Image | None]:
-        """One image; returns the run and the control map used (None without ControlNet)."""
+                 progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> tuple[Run, Image.Image | None]:
+        """One image; returns the run and the control map used (None without ControlNet).
+
+        ``should_stop``, polled before the run and after every denoising step, cancels the request
+        (:class:`GenerationCancelled`) when it returns True; the model is left as it was.
+        """
         control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
         _stamp_control(settings, control)
-        steps = _StepCounter(settings.steps, progress)
+        steps = _StepCounter(settings.steps, progress, should_stop)
         with self.lock:
             run = self._run(settings.method, settings, control, steps)
         return run, control
 
     def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float = 1.0,
-                pag_scale: float = 3.0, progress: Progress | None = None) -> tuple[list[Run], Image.Image | None]:
+                pag_scale: float = 3.0, progress: Progress | None = None,
+                should_stop: Callable[[], bool] | None = None) -> tuple[list[Run], Image.Image | None]:
         """Vanilla SDXL, SAG, PAG and SEG from the same seed and settings (SEG with ``settings``' scale)."""
         if sag_scale <= 0 or pag_scale <= 0 or settings.seg_scale <= 0:
             raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
@@ -516,15 +678,15 @@ class Studio:
         ]
         control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
         _stamp_control(settings, control)
-        steps = _StepCounter(settings.steps * len(variants), progress)
+        steps = _StepCounter(settings.steps * len(variants), progress, should_stop)
         with self.lock:
             runs = [self._run(label, dataclasses.replace(settings, **change), control, steps)
                     for label, change in variants]
         return runs, control
 
     def sweep(self, settings: Settings, sigmas: Sequence, row_axis: str | None = None, row_values: Sequence = (),
-              control_image: Image.Image | None = None,
-              progress: Progress | None = None) -> tuple[Sweep, Image.Image | None]:
+              control_image: Image.Image | None = None, progress: Progress | None = None,
+              should_stop: Callable[[], bool] | None = None) -> tuple[Sweep, Image.Image | None]:
         """A grid over blur sigma (columns) and optionally ``seg_scale`` or ``guidance_scale`` (rows)."""
         sigmas = [parse_sigma(s) for s in sigmas]
         if row_axis in (None, "", "none"):
@@ -537,12 +699,13 @@ class Studio:
             raise ValueError("a sigma sweep needs seg_scale > 0 (at seg_scale 0 the blur has no effect), got "
                              f"{settings.seg_scale}")
         runs_total = len(sigmas) * len(row_values)
-        if runs_total > MAX_SWEEP_RUNS:
-            raise ValueError(f"a sweep may have at most {MAX_SWEEP_RUNS} images, got "
+        max_runs = min(MAX_SWEEP_RUNS, self.limits.max_sweep_images)
+        if runs_total > max_runs:
+            raise ValueError(f"a sweep may have at most {max_runs} images, got "
                              f"{len(sigmas)} sigmas x {len(row_values)} rows = {runs_total}")
         control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
         _stamp_control(settings, control)
-        steps = _StepCounter(settings.steps * runs_total, progress)
+        steps = _StepCounter(settings.steps * runs_total, progress, should_stop)
         runs: list[list[Run]] = []
         with self.lock:
             for value in row_values:
@@ -575,15 +738,25 @@ class Studio:
         generator = torch.Generator().manual_seed(settings.seed)  # CPU: the same noise on any device
 
         def on_step_end(pipe, i, t, tensors):
-            steps.advance(label)
+            steps.advance(label)  # raises GenerationCancelled when the request was cancelled
             return tensors
 
+        steps.check()  # a request cancelled while it waited for the model does not start
         with UNetCounter(pipe.unet) as counter:
             start = time.perf_counter()
-            image = pipe(**settings.pipeline_kwargs(), **extra, generator=generator, output_type="pil",
-                         callback_on_step_end=on_step_end).images[0]
-            if pipe.device.type == "cuda":
-                torch.cuda.synchronize()
+            try:
+                # An exception anywhere in here leaves the model clean: the pipeline restores its
+                # attention processors and down-block hooks in `finally`.
+                image = pipe(**settings.pipeline_kwargs(), **extra, generator=generator, output_type="pil",
+                             callback_on_step_end=on_step_end).images[0]
+                if pipe.device.type == "cuda":
+                    torch.cuda.synchronize()
+            except torch.OutOfMemoryError as error:
+                _release_memory()
+                raise OutOfMemory(
+                    f"the {pipe.device.type} device ran out of memory at {settings.width}x{settings.height} "
+                    f"({settings.method}, {settings.steps} steps); try a smaller size, or again later"
+                ) from error
             seconds = time.perf_counter() - start
         run = Run(label, settings, image, seconds, counter.evaluations)
         if save:
@@ -612,19 +785,34 @@ def _stamp_control(settings: Settings, control: Image.Image | None) -> None:
     settings.control_image_sha256 = hashlib.sha256(control.tobytes()).hexdigest()[:16] if control else None
 
 
-class _StepCounter:
-    """Progress over all denoising steps of one request."""
+def _release_memory() -> None:
+    """Give cached device memory back after an out-of-memory error, so the next request can start."""
+    import gc
 
-    def __init__(self, total: int, progress: Progress | None):
-        self.total, self.done, self.progress = total, 0, progress
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _StepCounter:
+    """Progress over all denoising steps of one request, and its cancellation."""
+
+    def __init__(self, total: int, progress: Progress | None, should_stop: Callable[[], bool] | None = None):
+        self.total, self.done, self.progress, self.should_stop = total, 0, progress, should_stop
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise GenerationCancelled(f"request cancelled after {self.done} of {self.total} steps")
 
     def advance(self, label: str) -> None:
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total, label)
+        self.check()
 
 
 __all__ = [
-    "GPU", "Run", "Settings", "Studio", "Sweep", "UNetCounter", "depth_available", "format_sigma",
-    "labelled_grid", "parse_layers", "parse_sigma", "parse_values", "read_png_settings", "resolve_seed",
+    "GPU", "GenerationCancelled", "Limits", "OutOfMemory", "Run", "Settings", "Studio", "Sweep", "UNetCounter",
+    "depth_available", "format_sigma", "labelled_grid", "load_control_image", "parse_layers", "parse_sigma",
+    "parse_values", "read_png_settings", "resolve_seed",
 ]

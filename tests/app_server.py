@@ -17,10 +17,12 @@ def free_port() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def running_demo():
-    """(demo, url): the app on the tiny model, served from a thread until the process ends."""
+def running_demo(limits=None, queue_size=16):
+    """(demo, url): the app on the tiny model, served from a thread until the process ends; one server per
+    distinct (limits, queue_size)."""
     from app import build_demo
 
-    demo = build_demo("tiny")
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    demo = build_demo("tiny", limits=limits, queue_size=queue_size)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                **demo.launch_options)
     return demo, demo.local_url

@@ -107,7 +107,7 @@ def test_controlnet_changes_the_image(client):
     (dict(width=60), "60"),
     (dict(seg_blur_sigma="abc"), "'abc'"),
     (dict(seg_scale=-1), "-1"),
-    (dict(steps=0), "steps must be an integer in [1, 1000], got 0"),
+    (dict(steps=0), "steps must be an integer in [1, 150], got 0"),
     (dict(control_type="canny"), "control_image"),
     (dict(control_type="sketch"), "'sketch'"),
     (dict(seg_applied_layers=["middle"]), "middle"),
