@@ -482,11 +482,13 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         def api_inputs(**overrides):
             """Hidden inputs for an API endpoint, in the order of its function's parameters."""
             spec = {
+                # (no precision=0: Gradio would round NaN itself and fail without a message; the studio
+                # checks these integers and names the bad value)
                 "prompt": lambda: gr.Textbox(None), "negative_prompt": lambda: gr.Textbox(""),
-                "seed": lambda: gr.Number(-1, precision=0),
-                "steps": lambda: gr.Number(studio.default_steps, precision=0),
-                "width": lambda: gr.Number(default_w, precision=0),
-                "height": lambda: gr.Number(default_h, precision=0),
+                "seed": lambda: gr.Number(-1),
+                "steps": lambda: gr.Number(studio.default_steps),
+                "width": lambda: gr.Number(default_w),
+                "height": lambda: gr.Number(default_h),
                 "guidance_scale": lambda: gr.Number(1.0), "seg_scale": lambda: gr.Number(3.0),
                 "seg_blur_sigma": lambda: gr.Textbox("inf"),
                 "seg_blur_sigmas": lambda: gr.Textbox("1, 4, 16, 64, inf"),
