@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share", action="store_true", help="also create a public Gradio share link")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, mps, cpu (default: best)")
     defaults = Limits()
-    limit = parser.add_argument_group("limits (what one request may ask for; see docs/LIMITS.md)")
+    limit = parser.add_argument_group("limits (what one request may ask for; see README.md, Limits)")
     limit.add_argument("--max-pixels", type=int, default=_env("SEG_MAX_PIXELS", int, defaults.max_pixels),
                        help=f"width x height of one image (default {defaults.max_pixels}; $SEG_MAX_PIXELS)")
     limit.add_argument("--max-steps", type=int, default=_env("SEG_MAX_STEPS", int, defaults.max_steps),
