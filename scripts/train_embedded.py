@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--unet-steps", type=int, default=1200)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=8e-4)
+    p.add_argument("--resume", action="store_true",
+                   help="unet stage: start from the UNet saved in --out (its EMA weights) and append to its log")
     p.add_argument("--classifier-steps", type=int, default=800)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -223,10 +225,14 @@ def plot_curves(log: dict, path: Path) -> None:
             return x0 + (x1 - x0) * i / max(1, n - 1), y1 - (y1 - y0) * (v - lo) / max(1e-8, hi - lo)
 
         pen.rectangle([x0, y0, x1, y1], outline="black")
+        if name == "unet" and log.get("unet_resumed_at"):  # a second run (--resume) started here
+            x = xy(log["unet_resumed_at"], lo, len(values))[0]
+            pen.line([(x, y0), (x, y1)], fill=(220, 80, 40))
+            pen.text((x + 4, y1 - 14), "--resume", fill=(220, 80, 40))
         pen.line([xy(i, v, len(values)) for i, v in enumerate(values)], fill=(190, 200, 230))
         pen.line([xy(i + k // 2, v, len(values)) for i, v in enumerate(smooth)], fill=(20, 60, 200), width=2)
         label = {"vae": "VAE reconstruction loss", "unet": "UNet eps-MSE loss", "classifier": "classifier CE loss"}[name]
-        pen.text((x0 + 6, y0 + 4), f"{label} (log10)", fill="black")
+        pen.text((x0 + 60, y0 + 4), f"{label} (log scale)", fill="black")
         pen.text((x0 - 40, y0), f"{10 ** hi:.3g}", fill="black")
         pen.text((x0 - 40, y1 - 10), f"{10 ** lo:.3g}", fill="black")
         pen.text((x0, y1 + 6), "0", fill="black")
@@ -267,10 +273,18 @@ def main(argv=None) -> None:
         print(f"vae: reconstruction MSE on [-1, 1] images {log['vae_recon_mse']:.5f}")
         components["vae"] = vae
         if "unet" in stages:
+            if args.resume:
+                from diffusers import UNet2DConditionModel
+
+                components["unet"] = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32)
+                previous = json.loads(log_path.read_text()).get("unet", [])
             pipe = StableDiffusionXLSEGPipeline(**components, add_watermarker=False)
             labels = shapes.sample(args.train_images, seed=TRAIN_SEED)[1]
             label_ids = torch.tensor([shapes.LABELS.index(label) for label in labels])
             pipe.unet = train_unet(pipe, mean, std, label_ids, args, device, log)
+            if args.resume:
+                log["unet_resumed_at"] = len(previous)
+                log["unet"] = previous + log["unet"]
             pipe.register_modules(unet=pipe.unet)
             pipe.to("cpu", dtype=torch.float16).save_pretrained(out, safe_serialization=True)
         else:

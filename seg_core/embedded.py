@@ -35,6 +35,8 @@ DESCRIPTION = (
 PROMPTS: tuple[str, ...] = CAPTIONS
 #: Width and height the model was trained at.
 SIZE = IMAGE_SIZE
+#: Denoising steps that suffice (Euler).
+DEFAULT_STEPS = 20
 LATENT_SIZE = IMAGE_SIZE // 2  # the VAE downsamples 2x
 
 
