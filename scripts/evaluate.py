@@ -184,13 +184,20 @@ def run_embedded(args) -> str:
 
 
 def save_grid(rows: dict[str, np.ndarray], path: str, scale: int = 2) -> None:
-    """One row of samples per method, each image upscaled ``scale``x; the method names are not drawn."""
-    lines = [np.concatenate(list(images), axis=1) for images in rows.values()]
-    width = max(line.shape[1] for line in lines)
-    lines = [np.pad(line, ((0, 2), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
-    grid = Image.fromarray(np.concatenate(lines))
-    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
-    print(f"grid rows: {list(rows)} -> {path}")
+    """One labelled row of samples per method, each image upscaled ``scale``x."""
+    from PIL import ImageDraw
+
+    label_width, size = 230, max(images.shape[1] for images in rows.values()) * scale
+    columns = max(len(images) for images in rows.values())
+    grid = Image.new("RGB", (label_width + columns * (size + 2), len(rows) * (size + 2)), "white")
+    pen = ImageDraw.Draw(grid)
+    for r, (name, images) in enumerate(rows.items()):
+        pen.text((4, r * (size + 2) + size // 2 - 6), name, fill="black")
+        for c, image in enumerate(images):
+            tile = Image.fromarray(image).resize((size, size), Image.NEAREST)
+            grid.paste(tile, (label_width + c * (size + 2), r * (size + 2)))
+    grid.save(path)
+    print(f"samples grid -> {path}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,7 +246,7 @@ def run_sdxl(args) -> str:
             yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
     def evaluate(rows: dict[str, dict], prompts: list[str], title: str) -> list[str]:
-        table = [f"| Method | FID | CLIP score | LPIPS vs vanilla |", "|---|---|---|---|"]
+        table = ["| Method | FID | CLIP score | LPIPS vs vanilla |", "|---|---|---|---|"]
         vanilla_dir = None
         for name, kwargs in rows.items():
             folder = out_dir / title / name.replace(" ", "_").replace("=", "")

@@ -137,7 +137,7 @@ class ShapeClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images) -> list[tuple[str, str, str]]:
         """(shape, colour, background) for PIL images, a uint8 array, or a tensor in [-1, 1]."""
-        x = _as_tensor(images).to(next(self.parameters()).device)
+        x = as_tensor(images).to(next(self.parameters()).device)
         keys = (SHAPES, tuple(COLOURS), tuple(BACKGROUNDS))
         picks = [logits.argmax(1).tolist() for logits in self(x)]
         return [tuple(k[i] for k, i in zip(keys, row)) for row in zip(*picks)]
@@ -151,7 +151,8 @@ class ShapeClassifier(nn.Module):
         return model.eval()
 
 
-def _as_tensor(images) -> torch.Tensor:
+def as_tensor(images) -> torch.Tensor:
+    """PIL images (resized to IMAGE_SIZE), a uint8 array or a tensor, as a float tensor in [-1, 1]."""
     if isinstance(images, torch.Tensor):
         return images.float()
     if isinstance(images, np.ndarray):

@@ -75,7 +75,7 @@ def test_seg_changes_the_image(pipe):
     vanilla = generate(pipe, CASES, guidance_scale=1.0, seg_scale=0.0)
     seg = generate(pipe, CASES, guidance_scale=1.0, seg_scale=3.0, seg_blur_sigma=math.inf)
     # the mid-block self-attention the guidance perturbs matters to this model
-    assert (shapes._as_tensor(seg) - shapes._as_tensor(vanilla)).abs().mean() > 0.01
+    assert (shapes.as_tensor(seg) - shapes.as_tensor(vanilla)).abs().mean() > 0.01
 
 
 def test_classifier_reads_real_images_of_the_set(classifier):
