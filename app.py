@@ -186,7 +186,8 @@ def run_table(runs) -> str:
 
 def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | None = None,
                limits: Limits | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
-    """The demo on ``model`` ("sdxl", "tiny", a Hub id or a folder); falls back to tiny with a banner.
+    """The demo on ``model`` ("sdxl", "embedded", "tiny", a Hub id or a folder); when it cannot be loaded,
+    the embedded model (or tiny, without its weights) with a banner.
 
     ``limits`` (seg_core.studio.Limits) bound every request; ``queue_size`` requests may wait, more are
     refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload size limit.
@@ -366,7 +367,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 with gr.Row():
                     seg_scale = gr.Slider(0, 10, value=3.0, step=0.1, label="SEG scale",
                                           info="the authors keep 3 and vary σ", elem_id="seg-scale")
-                    guidance_scale = gr.Slider(1, 15, value=1.0, step=0.5, label="CFG scale",
+                    guidance_scale = gr.Slider(1, 15, value=studio.profile.guidance_scale, step=0.5, label="CFG scale",
                                                info="1 = no CFG (the authors' setting)", elem_id="cfg-scale")
                 with gr.Row():
                     log2_sigma = gr.Slider(0, 13, value=4, step=0.5, label=sigma_label(4, True),
@@ -445,7 +446,10 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         grid_file = gr.File(label="Download the grid")
                         sweep_info = gr.Markdown()
 
-        gr.Examples(EXAMPLES, inputs=[prompt, negative_prompt, guidance_scale], cache_examples=False,
+        examples = EXAMPLES
+        if studio.profile.prompts:  # a model that knows only its own prompts
+            examples = [[p, "", studio.profile.guidance_scale] for p in studio.profile.prompts] + [["", "", 1.0]]
+        gr.Examples(examples, inputs=[prompt, negative_prompt, guidance_scale], cache_examples=False,
                     label="Examples (the empty prompt is unconditional generation)")
 
         # ---- events ---------------------------------------------------------------------------------
@@ -489,7 +493,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 "steps": lambda: gr.Number(studio.default_steps),
                 "width": lambda: gr.Number(default_w),
                 "height": lambda: gr.Number(default_h),
-                "guidance_scale": lambda: gr.Number(1.0), "seg_scale": lambda: gr.Number(3.0),
+                "guidance_scale": lambda: gr.Number(studio.profile.guidance_scale), "seg_scale": lambda: gr.Number(3.0),
                 "seg_blur_sigma": lambda: gr.Textbox("inf"),
                 "seg_blur_sigmas": lambda: gr.Textbox("1, 4, 16, 64, inf"),
                 "second_axis": lambda: gr.Textbox("none"), "second_axis_values": lambda: gr.Textbox(""),
@@ -529,7 +533,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Gradio demo of Smoothed Energy Guidance for SDXL.")
     parser.add_argument("--model", default="sdxl",
-                        help="'sdxl' (SDXL base 1.0, default), 'tiny' (offline random weights), "
+                        help="'sdxl' (SDXL base 1.0, default), 'embedded' (the small trained offline model), "
+                             "'tiny' (offline random weights), "
                              "or any SDXL Hub id / local folder")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to serve on (default 127.0.0.1; 0.0.0.0 for every interface)")

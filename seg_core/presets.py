@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .embedded import EMBEDDED_DIR
 from .pipeline import StableDiffusionXLSEGPipeline
 from .tiny import tiny_controlnet, tiny_sdxl_components
 
@@ -19,8 +20,11 @@ SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 DEPTH_ESTIMATOR = "Intel/dpt-hybrid-midas"
 
-#: Named models: ``sdxl`` (SDXL base 1.0, the default) and ``tiny`` (random weights built in code).
-MODELS = {"sdxl": SDXL_BASE, "tiny": None}
+#: Named models: ``sdxl`` (SDXL base 1.0, the default), ``embedded`` (the small trained model in
+#: assets/embedded, offline) and ``tiny`` (random weights built in code).
+MODELS = {"sdxl": SDXL_BASE, "embedded": str(EMBEDDED_DIR), "tiny": None}
+#: Small offline models: "canny" / "depth" give them a small random (untrained) ControlNet.
+OFFLINE_MODELS = ("embedded", "tiny")
 
 #: ControlNets for SDXL, with the preprocessor each expects.
 CONTROLNETS = {
@@ -59,9 +63,9 @@ def load_pipeline(
     """Load a StableDiffusionXLSEGPipeline.
 
     Args:
-        model: "sdxl", "tiny", or any SDXL Hub id or local folder (safetensors weights only).
-        controlnet: None, "canny", "depth", or a ControlNet Hub id or local folder. With ``model="tiny"``
-            "canny" and "depth" give a tiny random ControlNet.
+        model: "sdxl", "embedded", "tiny", or any SDXL Hub id or local folder (safetensors weights only).
+        controlnet: None, "canny", "depth", or a ControlNet Hub id or local folder. With an offline model
+            ("embedded", "tiny") "canny" and "depth" give a small random ControlNet.
         device, dtype: by default picked by :func:`pick_runtime`.
     """
     runtime = pick_runtime(device, dtype)
@@ -81,17 +85,20 @@ def load_pipeline(
         pipe = StableDiffusionXLSEGPipeline.from_pretrained(
             repo, torch_dtype=runtime.dtype, use_safetensors=True, **_variant(repo, runtime), **extra
         ).to(runtime.device)
-    return pipe if controlnet is None else with_controlnet(pipe, controlnet, tiny=model == "tiny")
+    if controlnet is None:
+        return pipe
+    return with_controlnet(pipe, controlnet, random_controlnet=model in OFFLINE_MODELS)
 
 
-def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str, tiny: bool = False):
+def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str, random_controlnet: bool = False):
     """A pipeline sharing ``pipe``'s components (no second copy in memory) plus a ControlNet.
 
-    ``controlnet``: "canny", "depth", or a ControlNet Hub id or local folder; with ``tiny`` (a pipeline
-    from ``load_pipeline("tiny")``) "canny" and "depth" give a tiny random ControlNet.
+    ``controlnet``: "canny", "depth", or a ControlNet Hub id or local folder; with ``random_controlnet``
+    (for the small offline models, which have no trained ControlNet) "canny" and "depth" give a small
+    random one built from ``pipe.unet``.
     """
     unet = pipe.unet
-    if tiny and controlnet in CONTROLNETS:
+    if random_controlnet and controlnet in CONTROLNETS:
         net = tiny_controlnet(unet).to(unet.device)
         if net.dtype != unet.dtype:
             net = net.to(dtype=unet.dtype)

@@ -32,7 +32,8 @@ from PIL.PngImagePlugin import PngInfo
 from .blur import INFINITE_SIGMA_THRESHOLD
 from .attention import resolve_layers
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline
-from .presets import DEPTH_ESTIMATOR, MODELS, load_pipeline, preprocess_control, with_controlnet
+from . import embedded
+from .presets import DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_pipeline, preprocess_control, with_controlnet
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,39 @@ SDXL_SIZES = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
 #: The same aspect ratios, roughly, at the tiny model's scale (multiples of 8).
 TINY_SIZES = [(64, 64), (72, 56), (56, 72), (80, 48), (48, 80), (96, 40), (40, 96)]
 
+#: Where a requested model cannot be loaded: the embedded trained model, else the tiny random one.
+DEFAULT_FALLBACK = "embedded" if (embedded.EMBEDDED_DIR / "model_index.json").is_file() else "tiny"
+
 TINY_BANNER = (
     "**`tiny` model:** random weights in SDXL's architecture, built in code. It runs offline on a CPU in a "
     "fraction of a second and draws noise, not pictures: use it to try every control of this demo, "
     "not to judge image quality."
 )
+EMBEDDED_BANNER = (
+    f"**`embedded` model:** {embedded.DESCRIPTION} It runs offline on a CPU; its ControlNets are untrained "
+    "(random), so they only show that the controls work."
+)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What the demo shows for a model: its size menu, default steps and CFG scale, example prompts
+    (None: the demo's own) and banner."""
+
+    sizes: list
+    steps: int
+    guidance_scale: float = 1.0
+    prompts: tuple | None = None
+    banner: str | None = None
+
+
+PROFILES = {
+    "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER),
+    # It follows prompts only with CFG (docs/EMBEDDED.md); it was trained at one size.
+    "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS, guidance_scale=5.0,
+                             prompts=embedded.PROMPTS[::7], banner=EMBEDDED_BANNER),
+}
+SDXL_PROFILE = ModelProfile(SDXL_SIZES, 25)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,17 +527,18 @@ def depth_available() -> bool:
 
 
 class Studio:
-    """Loads a model once (falling back to ``tiny`` when it cannot be loaded) and runs requests on it.
+    """Loads a model once (falling back to an offline model when it cannot be loaded) and runs requests.
 
     Args:
-        model: "sdxl", "tiny", or an SDXL Hub id or local folder.
+        model: "sdxl", "embedded", "tiny", or an SDXL Hub id or local folder.
         device: torch device (by default CUDA, else MPS, else CPU).
-        fallback: the model to use when ``model`` cannot be loaded; None to raise instead.
+        fallback: the model to use when ``model`` cannot be loaded (by default the embedded model, or
+            ``tiny`` where its weights are missing); None to raise instead.
         output_dir: where PNG files are written (default: a new temporary folder).
         limits: what one request may ask for (:class:`Limits`).
     """
 
-    def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = "tiny",
+    def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = DEFAULT_FALLBACK,
                  output_dir: str | None = None, limits: Limits | None = None):
         self.requested_model = model
         self.limits = limits or Limits()
@@ -534,29 +564,31 @@ class Studio:
     # ---- model ------------------------------------------------------------------------------------
 
     @property
-    def is_tiny(self) -> bool:
-        return self.model == "tiny"
+    def profile(self) -> ModelProfile:
+        return PROFILES.get(self.model, SDXL_PROFILE)
 
     @property
     def model_id(self) -> str:
         """The model as written into PNG metadata (the Hub id for named models)."""
+        if self.model in OFFLINE_MODELS:  # shipped with this repository: the name says it all
+            return self.model
         return MODELS.get(self.model) or self.model
 
     @property
     def banner(self) -> str | None:
-        """Markdown explaining a fallback and/or the tiny model; None for a real model loaded as asked."""
+        """Markdown explaining a fallback and/or an offline model; None for a real model loaded as asked."""
         lines = []
         if self.load_error:
             lines.append(f"**Could not load `{self.requested_model}`** ({self.load_error}). "
                          f"Started on the `{self.model}` model instead.")
-        if self.is_tiny:
-            lines.append(TINY_BANNER)
+        if self.profile.banner:
+            lines.append(self.profile.banner)
         return "\n\n".join(lines) or None
 
     @property
     def size_presets(self) -> list[tuple[int, int]]:
         """The model's sizes within the pixel budget (at least the smallest one, shrunk to fit)."""
-        sizes = TINY_SIZES if self.is_tiny else SDXL_SIZES
+        sizes = self.profile.sizes
         fitting = [(w, h) for w, h in sizes if w * h <= self.limits.max_pixels]
         if fitting:
             return fitting
@@ -565,7 +597,7 @@ class Studio:
 
     @property
     def default_steps(self) -> int:
-        return min(8 if self.is_tiny else 25, self.limits.max_steps)
+        return min(self.profile.steps, self.limits.max_steps)
 
     def pipeline(self, control_type: str = "none") -> StableDiffusionXLSEGPipeline:
         """The pipeline for ``control_type`` ("none", "canny", "depth"), loaded once and cached."""
@@ -581,7 +613,7 @@ class Studio:
             pipe = load_pipeline(self.model, device=self.device)
         else:
             # Share the base pipeline's components: a second SDXL copy would double the memory.
-            pipe = with_controlnet(self._pipes["none"], control_type, tiny=self.is_tiny)
+            pipe = with_controlnet(self._pipes["none"], control_type, random_controlnet=self.model in OFFLINE_MODELS)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

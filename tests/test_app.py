@@ -141,14 +141,19 @@ def test_sweep_bad_values_are_named(client):
 # ---- the service without a server -------------------------------------------------------------------
 
 
-def test_unavailable_model_falls_back_to_tiny_with_a_banner():
+def test_unavailable_model_falls_back_to_the_embedded_model_with_a_banner():
     missing = "no-such-user/no-such-sdxl"  # fails fast offline and online, whatever the local cache holds
     studio = Studio(missing)
-    assert studio.model == "tiny" and studio.load_error
-    assert missing in studio.banner and "random weights" in studio.banner
-    assert studio.size_presets[0] == (64, 64)
+    assert studio.model == "embedded" and studio.load_error
+    assert missing in studio.banner and "trained on" in studio.banner and "coloured shapes" in studio.banner
+    assert studio.size_presets == [(32, 32)] and studio.profile.guidance_scale == 5.0
+    run, _ = studio.generate(studio.settings(prompt="a red square on a white background", seed=1, steps=8,
+                                             width=32, height=32, guidance_scale=5.0))
+    assert run.image.size == (32, 32) and run.settings.model == "embedded"
     with pytest.raises(Exception):
         Studio(missing, fallback=None)
+    tiny = Studio(missing, fallback="tiny")
+    assert tiny.model == "tiny" and "random weights" in tiny.banner and tiny.size_presets[0] == (64, 64)
 
 
 def test_unet_counter_divides_rows_by_images_per_call():
