@@ -9,7 +9,7 @@ Two protocols:
   (whose VGG weights are not available offline), the RMS pixel difference from the vanilla image of the
   same seed.
 
-      OMP_NUM_THREADS=2 python scripts/evaluate.py --threads 2 --write docs/EMBEDDED.md
+      OMP_NUM_THREADS=2 python scripts/evaluate.py --threads 2 --write README.md
 
 * ``--protocol sdxl`` (GPU and SDXL weights): the paper's protocol.  FID (torchmetrics, which needs
   torch-fidelity) and CLIP score (open_clip ViT-L/14, or torchmetrics' CLIPScore) of images generated from

@@ -61,7 +61,8 @@ TINY_BANNER = (
     "not to judge image quality."
 )
 EMBEDDED_BANNER = (
-    f"**`embedded` model:** {embedded.DESCRIPTION} It runs offline on a CPU; its ControlNets are untrained "
+    f"**`embedded` model:** {embedded.DESCRIPTION.removeprefix('Embedded model: ')} It runs offline on a CPU; "
+    "its ControlNets are untrained "
     "(random), so they only show that the controls work."
 )
 
@@ -80,7 +81,7 @@ class ModelProfile:
 
 PROFILES = {
     "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER),
-    # It follows prompts only with CFG (docs/EMBEDDED.md); it was trained at one size.
+    # It follows prompts only with CFG (README: The embedded model); it was trained at one size.
     "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS, guidance_scale=5.0,
                              prompts=embedded.PROMPTS[::7], banner=EMBEDDED_BANNER),
 }
