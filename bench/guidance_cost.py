@@ -30,7 +30,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from seg_core.attention import BranchPlan, SmoothedEnergyAttention, patched_self_attention  # noqa: E402
 from seg_core.blur import blur_tokens  # noqa: E402
-from seg_core.methods import PAG, SAG, SEG, GuidedStep  # noqa: E402
+from seg_core.methods import PAG, SAG, SEG, Branch, GuidedStep  # noqa: E402
 from seg_core.sharing import DownBlockSharing, shared_down_blocks  # noqa: E402
 
 SDXL = dict(
@@ -72,7 +72,8 @@ def build(quick: bool, device, dtype):
         for role in ("uncond", "cond")
     }
 
-    def model(x, t, roles):
+    def model(x, t, branches):
+        roles = [b.role for b in branches]  # every branch on all rows here
         gather = lambda key: torch.cat([conditioning[r][key].expand(x.shape[0], *conditioning[r][key].shape[1:])  # noqa: E731
                                         for r in roles])
         return unet(torch.cat([x] * len(roles)), t, encoder_hidden_states=gather("prompt_embeds"),
@@ -189,8 +190,10 @@ def main(argv=None):
     modes["compare_sequential"] = lambda: [steps[k](x, t) for k in ("cfg", "cfg_sag", "cfg_pag", "cfg_seg")]
     # ...against the same UNet rows in one batched call (2 + 2 + 3 + 3 rows) plus SAG's extra row: a lower
     # bound for batching the four methods into one loop.
-    modes["compare_batched_unet"] = lambda: (model(x, t, ["uncond", "cond"] * 2 + ["uncond", "cond", "cond"] * 2),
-                                             model(x, t, ["uncond"]))
+    as_branches = lambda roles: [Branch(r) for r in roles]  # noqa: E731
+    modes["compare_batched_unet"] = lambda: (
+        model(x, t, as_branches(["uncond", "cond"] * 2 + ["uncond", "cond", "cond"] * 2)),
+        model(x, t, as_branches(["uncond"])))
     layer_modes = attention_layer_modes(device, dtype, args.sigma)
     if device.type == "cuda":  # single layers are launch-bound on a GPU: time their kernels alone
         with torch.no_grad():

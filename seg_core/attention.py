@@ -210,12 +210,12 @@ class BranchPlan:
     """Which branch of the batch each patched layer changes, for the UNet call about to run."""
 
     def __init__(self):
-        self.num_branches = 1
+        self.sizes: list[int] = []  # rows per branch, in batch order
         self.changes: dict[str, dict[int, AttentionChange]] = {}
         self.latent_size: tuple[int, int] | None = None
 
-    def set(self, num_branches: int, changes: dict[str, dict[int, AttentionChange]], latent_size) -> None:
-        self.num_branches = num_branches
+    def set(self, sizes: list[int], changes: dict[str, dict[int, AttentionChange]], latent_size) -> None:
+        self.sizes = list(sizes)
         self.changes = changes
         self.latent_size = latent_size
 
@@ -232,11 +232,12 @@ class BranchAttnProcessor:
         changes = self.plan.changes.get(self.layer_name)
         if not changes or encoder_hidden_states is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        n = self.plan.num_branches
-        if hidden_states.shape[0] % n:
-            raise RuntimeError(f"batch of {hidden_states.shape[0]} does not split into {n} branches")
-        chunks = hidden_states.chunk(n)
-        masks = attention_mask.chunk(n) if attention_mask is not None else [None] * n
+        sizes = self.plan.sizes
+        n = len(sizes)
+        if hidden_states.shape[0] != sum(sizes):
+            raise RuntimeError(f"batch of {hidden_states.shape[0]} does not split into branches of {sizes} rows")
+        chunks = hidden_states.split(sizes)
+        masks = attention_mask.split(sizes) if attention_mask is not None else [None] * n
         grid = None
         if hidden_states.ndim == 3:
             grid = token_grid(hidden_states.shape[1], self.plan.latent_size)

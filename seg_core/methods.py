@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,18 @@ from .attention import (
 from .blur import blur_image
 from .guidance import classifier_free_guidance, weakened_model_guidance
 
-#: ``model(x, t, roles) -> prediction``: one UNet call on ``len(roles)`` branches that all start from the
-#: same input ``x`` (B rows); ``roles[k]`` ("uncond" or "cond") says which conditioning branch k gets.
-#: The prediction has ``len(roles) * B`` rows, branch after branch.
-ModelFn = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
+class Branch(NamedTuple):
+    """One branch of a UNet call: the conditioning it gets ("uncond" or "cond"), on which image rows
+    (None: all of them)."""
+
+    role: str
+    rows: tuple[int, ...] | None = None
+
+
+#: ``model(x, t, branches) -> prediction``: one UNet call in which branch k sees ``x`` (B rows), or
+#: ``x[rows]`` where the branch names rows, with its role's conditioning for those rows. The prediction
+#: holds the branches' rows one branch after another.
+ModelFn = Callable[[torch.Tensor, torch.Tensor, Sequence[Branch]], torch.Tensor]
 
 
 def check_scale(name: str, value, upper: float = 100.0) -> float:
@@ -63,7 +71,7 @@ class StepState:
     scheduler: object
     model: ModelFn
     do_cfg: bool
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # "uncond", "cond", and each branch key
+    outputs: dict = field(default_factory=dict)  # "uncond", "cond" (all rows), and each method's branch
 
     @property
     def alpha_prod(self) -> float:
@@ -76,6 +84,9 @@ class GuidanceMethod:
 
     name = "method"
     layers_spec: Sequence[str] | None = None  # the attention layers the method changes, if any
+    #: The image rows the term applies to (None: every image). Several methods on disjoint rows render
+    #: several methods' images in one denoising loop (see seg_core.compare).
+    rows: tuple[int, ...] | None = None
 
     def __init__(self, scale: float, start: float = 0.0, end: float = 1.0):
         self.scale = check_scale(f"{self.name}_scale", scale)
@@ -100,11 +111,12 @@ class GuidanceMethod:
     def probe(self) -> AttentionChange | None:
         return None
 
+    # Both predictions cover the method's rows (all images when ``rows`` is None).
     def weak_prediction(self, state: StepState) -> torch.Tensor:
-        return state.outputs[self.name]
+        return state.outputs[self]
 
     def reference_prediction(self, state: StepState) -> torch.Tensor:
-        return state.outputs["cond"]
+        return select_rows(state.outputs["cond"], self.rows)
 
 
 class SEG(GuidanceMethod):
@@ -174,19 +186,20 @@ class SAG(GuidanceMethod):
         return self._probe
 
     def reference_prediction(self, state):
-        return state.outputs["uncond" if state.do_cfg else "cond"]
+        return select_rows(state.outputs["uncond" if state.do_cfg else "cond"], self.rows)
 
     def weak_prediction(self, state):
         a = state.alpha_prod
-        reference = self.reference_prediction(state)
-        x0, eps = predicted_x0_and_eps(state.x, reference, a, state.scheduler.config.prediction_type)
+        role = "uncond" if state.do_cfg else "cond"
+        # Degrade every image (cheap, elementwise); the second UNet call runs only this method's rows.
+        x0, eps = predicted_x0_and_eps(state.x, state.outputs[role], a, state.scheduler.config.prediction_type)
         mask = self._probe.mask.to(x0.dtype).view(-1, 1, *self._probe.grid)
         mask = F.interpolate(mask, size=x0.shape[-2:]).expand_as(x0)  # nearest, as in diffusers
         # diffusers uses a 9-tap kernel at sigma 1; 2 * ceil(4 sigma) + 1 keeps that and scales with sigma.
         size = min(2 * math.ceil(4 * self.blur_sigma) + 1, 2 * min(x0.shape[-2:]) - 1)
         degraded = blur_image(x0, self.blur_sigma, size) * mask + x0 * (1 - mask)
         degraded = a**0.5 * degraded + (1 - a) ** 0.5 * eps
-        return state.model(degraded, state.t, ["uncond" if state.do_cfg else "cond"])
+        return state.model(degraded, state.t, [Branch(role, self.rows)])
 
 
 def predicted_x0_and_eps(x: torch.Tensor, output: torch.Tensor, alpha_prod: float, prediction_type: str):
@@ -239,38 +252,56 @@ class GuidedStep:
 
     def __call__(self, model: ModelFn, x: torch.Tensor, t, step: int, num_steps: int, scheduler):
         active = [m for m in self.methods if m.is_active(step, num_steps)]
-        roles = (["uncond"] if self.do_cfg else []) + ["cond"]
-        keys = list(roles)
+        branches = [Branch("uncond")] if self.do_cfg else []
+        branches.append(Branch("cond"))
+        keys: list = [b.role for b in branches]
         changes: dict[str, dict[int, AttentionChange]] = {}
         for method in active:
             change, branch = method.branch_change(), None
             if change is not None:
-                branch = len(keys)
-                keys.append(method.name)
-                roles.append("cond")
+                branch = len(branches)
+                keys.append(method)
+                branches.append(Branch("cond", method.rows))
             elif method.probe() is not None:
                 change, branch = method.probe(), 0
             if change is not None:
                 for layer in method.layers:
+                    if changes.get(layer, {}).get(branch, change) is not change:
+                        raise ValueError(f"two {method.name} methods change layer {layer} of the same branch; "
+                                         "use one per call")
                     changes.setdefault(layer, {})[branch] = change
-        self.plan.set(len(roles), changes, tuple(x.shape[-2:]))
+        batch = x.shape[0]
+        sizes = [batch if b.rows is None else len(b.rows) for b in branches]
+        self.plan.set(sizes, changes, tuple(x.shape[-2:]))
         if self.sharing is not None:
-            # Branches changed only at or after the mid block compute the same down path as their role.
+            # Rows changed only at or after the mid block compute the same down path as their role's row.
             in_down = {b for layer, by_branch in changes.items() if layer.startswith("down_blocks.") for b in by_branch}
-            self.sharing.set([f"branch{k}" if k in in_down else role for k, role in enumerate(roles)])
+            self.sharing.set([
+                (k if k in in_down else branch.role, row)
+                for k, branch in enumerate(branches)
+                for row in (range(batch) if branch.rows is None else branch.rows)
+            ])
         try:
-            prediction = model(x, t, roles)
+            prediction = model(x, t, branches)
         finally:
-            self.plan.set(1, {}, None)
+            self.plan.set([], {}, None)
             if self.sharing is not None:
                 self.sharing.set(None)
-        state = StepState(x, t, scheduler, model, self.do_cfg, dict(zip(keys, prediction.chunk(len(keys)))))
+        state = StepState(x, t, scheduler, model, self.do_cfg, dict(zip(keys, prediction.split(sizes))))
         eps_cond = state.outputs["cond"]
         eps = classifier_free_guidance(state.outputs["uncond"], eps_cond, self.guidance_scale) if self.do_cfg else eps_cond
         for method in active:
-            eps = weakened_model_guidance(
-                eps, method.reference_prediction(state), method.weak_prediction(state), method.scale_at(t)
-            )
+            term = (method.reference_prediction(state), method.weak_prediction(state), method.scale_at(t))
+            if method.rows is None:
+                eps = weakened_model_guidance(eps, *term)
+            else:
+                rows = torch.tensor(method.rows, device=eps.device)
+                eps = eps.index_copy(0, rows, weakened_model_guidance(eps.index_select(0, rows), *term))
         if self.do_cfg and self.guidance_rescale > 0.0:
             eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=self.guidance_rescale)
         return eps
+
+
+def select_rows(tensor: torch.Tensor, rows: Sequence[int] | None) -> torch.Tensor:
+    """The given image rows of ``tensor`` (all of it when ``rows`` is None)."""
+    return tensor if rows is None else tensor[list(rows)]

@@ -24,7 +24,7 @@ from transformers import (
 
 from .attention import BranchPlan, patched_self_attention
 from .sharing import DownBlockSharing, shared_down_blocks
-from .methods import PAG, SAG, SEG, GuidanceMethod, GuidedStep, check_interval, check_scale
+from .methods import PAG, SAG, SEG, Branch, GuidanceMethod, GuidedStep, check_interval, check_scale, select_rows
 
 MAX_STEPS = 1000
 #: Input limits of ``__call__`` (every one is checked at the boundary with a ValueError naming the value).
@@ -383,22 +383,22 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         ]
         control_scale = 0.0
 
-        def model(x: torch.Tensor, t, roles: Sequence[str]) -> torch.Tensor:
-            """One UNet call (with ControlNet residuals) on branches conditioned by ``roles``."""
-            def gather(key):
-                return torch.cat([conditioning[role][key] for role in roles])
+        def model(x: torch.Tensor, t, branches: Sequence[Branch]) -> torch.Tensor:
+            """One UNet call (with ControlNet residuals) on ``branches`` (see seg_core.methods.ModelFn)."""
+            def gather(table, key):
+                return torch.cat([select_rows(table[b.role][key], b.rows) for b in branches])
 
-            added_cond_kwargs = {"text_embeds": gather("text_embeds"), "time_ids": gather("time_ids")}
+            added_cond_kwargs = {"text_embeds": gather(conditioning, "text_embeds"),
+                                 "time_ids": gather(conditioning, "time_ids")}
             if "image_embeds" in conditioning["cond"]:
                 added_cond_kwargs["image_embeds"] = [
-                    torch.cat([conditioning[role]["image_embeds"][k] for role in roles])
+                    torch.cat([select_rows(conditioning[b.role]["image_embeds"][k], b.rows) for b in branches])
                     for k in range(len(conditioning["cond"]["image_embeds"]))
                 ]
-            encoder_hidden_states = gather("prompt_embeds")
             residuals = {}
             # The ControlNet is not patched, so branches of one role get the same residuals: compute them
             # once per role. Guess mode feeds it only the conditional role; the others get zeros.
-            control_roles = [r for r in dict.fromkeys(roles) if r == "cond" or not guess]
+            control_roles = [r for r in dict.fromkeys(b.role for b in branches) if r == "cond" or not guess]
             if controlnet is not None and control_roles:
                 down, mid = controlnet(
                     torch.cat([x] * len(control_roles)), t,
@@ -412,13 +412,13 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                     return_dict=False,
                 )
                 residuals = {
-                    "down_block_additional_residuals": [_rows_by_role(d, control_roles, roles) for d in down],
-                    "mid_block_additional_residual": _rows_by_role(mid, control_roles, roles),
+                    "down_block_additional_residuals": [_rows_by_branch(d, control_roles, branches) for d in down],
+                    "mid_block_additional_residual": _rows_by_branch(mid, control_roles, branches),
                 }
             return self.unet(
-                torch.cat([x] * len(roles)), t,
-                encoder_hidden_states=encoder_hidden_states,
-                timestep_cond=None if timestep_cond is None else torch.cat([timestep_cond] * len(roles)),
+                torch.cat([select_rows(x, b.rows) for b in branches]), t,
+                encoder_hidden_states=gather(conditioning, "prompt_embeds"),
+                timestep_cond=None if timestep_cond is None else torch.cat([select_rows(timestep_cond, b.rows) for b in branches]),
                 cross_attention_kwargs=cross_attention_kwargs,
                 added_cond_kwargs=added_cond_kwargs,
                 return_dict=False,
@@ -505,11 +505,11 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         return self.image_processor.postprocess(image, output_type=output_type)
 
 
-def _rows_by_role(tensor: torch.Tensor, computed: Sequence[str], roles: Sequence[str]) -> torch.Tensor:
-    """Lay out per-role results (``computed``, one chunk each) for ``roles``; zeros for roles not computed."""
+def _rows_by_branch(tensor: torch.Tensor, computed: Sequence[str], branches: Sequence[Branch]) -> torch.Tensor:
+    """Lay out per-role results (``computed``, one chunk each) for ``branches``; zeros for roles not computed."""
     chunks = dict(zip(computed, tensor.chunk(len(computed))))
     zero = torch.zeros_like(tensor.chunk(len(computed))[0])
-    return torch.cat([chunks.get(role, zero) for role in roles])
+    return torch.cat([select_rows(chunks.get(b.role, zero), b.rows) for b in branches])
 
 
 def _short_repr(value, limit: int = 80) -> str:

@@ -14,35 +14,36 @@ import torch
 
 
 class DownBlockSharing:
-    """Which branches of the current UNet call are duplicates through the down blocks."""
+    """Which rows of the current UNet call are duplicates through the down blocks."""
 
     def __init__(self):
-        self.num_branches = 1
-        self.sources: list[int] | None = None  # for each branch, the index among the distinct ones
+        self.rows = 0
+        self.keep: torch.Tensor | None = None  # the rows computed
+        self.sources: torch.Tensor | None = None  # for each row, its position among the computed ones
 
-    def set(self, branch_keys: list[str] | None) -> None:
-        """``branch_keys[k]`` names what branch k's down path computes; equal keys, equal results."""
-        if branch_keys is None or len(set(branch_keys)) == len(branch_keys):
-            self.num_branches, self.sources = 1, None
+    def set(self, row_keys: list | None) -> None:
+        """``row_keys[i]`` names what row i's down path computes; equal keys, equal results."""
+        if row_keys is None or len(set(row_keys)) == len(row_keys):
+            self.rows, self.keep, self.sources = 0, None, None
             return
-        distinct = list(dict.fromkeys(branch_keys))
-        self.num_branches = len(branch_keys)
-        self.sources = [distinct.index(key) for key in branch_keys]
+        first: dict = {}
+        for row, key in enumerate(row_keys):
+            first.setdefault(key, row)
+        keep = sorted(first.values())
+        position = {row: j for j, row in enumerate(keep)}
+        self.rows = len(row_keys)
+        self.keep = torch.tensor(keep)
+        self.sources = torch.tensor([position[first[key]] for key in row_keys])
 
     def _distinct(self, tensor):
         if isinstance(tensor, (tuple, list)):  # e.g. IP-Adapter's (text, [image]) hidden states
             return type(tensor)(self._distinct(t) for t in tensor)
-        if not isinstance(tensor, torch.Tensor) or tensor.ndim == 0 or tensor.shape[0] % self.num_branches:
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim == 0 or tensor.shape[0] != self.rows:
             return tensor
-        chunks = tensor.chunk(self.num_branches)
-        firsts = {}
-        for branch, source in enumerate(self.sources):
-            firsts.setdefault(source, branch)
-        return torch.cat([chunks[firsts[s]] for s in sorted(firsts)])
+        return tensor.index_select(0, self.keep.to(tensor.device))
 
     def _expand(self, tensor):
-        chunks = tensor.chunk(max(self.sources) + 1)
-        return torch.cat([chunks[s] for s in self.sources])
+        return tensor.index_select(0, self.sources.to(tensor.device))
 
     def before(self, module, args, kwargs):
         if self.sources is None:
@@ -58,7 +59,7 @@ class DownBlockSharing:
 
 @contextmanager
 def shared_down_blocks(unet: torch.nn.Module, sharing: DownBlockSharing):
-    """Hook every down block of ``unet`` so that it computes only distinct branches (see ``sharing``)."""
+    """Hook every down block of ``unet`` so that it computes only distinct rows (see ``sharing``)."""
     handles = []
     try:
         for block in unet.down_blocks:

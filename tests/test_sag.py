@@ -55,8 +55,10 @@ def seg_core_sag_loop(pipe, prompt, steps, guidance_scale, sag_scale, size):
     plan = BranchPlan()
     step = GuidedStep([method], plan, guidance_scale, do_cfg)
 
-    def model(x, t, roles):
-        return pipe.unet(torch.cat([x] * len(roles)), t, encoder_hidden_states=torch.cat([embeds[r] for r in roles])).sample
+    def model(x, t, branches):
+        assert all(b.rows is None for b in branches)
+        return pipe.unet(torch.cat([x] * len(branches)), t,
+                         encoder_hidden_states=torch.cat([embeds[b.role] for b in branches])).sample
 
     timesteps = pipe.scheduler.timesteps
     with patched_self_attention(pipe.unet, step.patched_layers(), plan):
