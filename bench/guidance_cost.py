@@ -30,7 +30,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from seg_core.attention import BranchPlan, SmoothedEnergyAttention, patched_self_attention  # noqa: E402
 from seg_core.blur import blur_tokens  # noqa: E402
-from seg_core.methods import PAG, SAG, SEG, Branch, GuidedStep  # noqa: E402
+from seg_core.methods import PAG, SAG, SEG, GuidedStep, select_rows  # noqa: E402
 from seg_core.sharing import DownBlockSharing, shared_down_blocks  # noqa: E402
 
 SDXL = dict(
@@ -73,10 +73,11 @@ def build(quick: bool, device, dtype):
     }
 
     def model(x, t, branches):
-        roles = [b.role for b in branches]  # every branch on all rows here
-        gather = lambda key: torch.cat([conditioning[r][key].expand(x.shape[0], *conditioning[r][key].shape[1:])  # noqa: E731
-                                        for r in roles])
-        return unet(torch.cat([x] * len(roles)), t, encoder_hidden_states=gather("prompt_embeds"),
+        def gather(key):
+            return torch.cat([select_rows(conditioning[b.role][key].expand(x.shape[0], *conditioning[b.role][key].shape[1:]),
+                                          b.rows) for b in branches])
+
+        return unet(torch.cat([select_rows(x, b.rows) for b in branches]), t, encoder_hidden_states=gather("prompt_embeds"),
                     added_cond_kwargs={"text_embeds": gather("text_embeds"), "time_ids": gather("time_ids")},
                     return_dict=False)[0]
 
@@ -188,12 +189,15 @@ def main(argv=None):
     modes = {name: (lambda s=s: s(x, t)) for name, s in steps.items()}
     # Compare view: vanilla, SAG, PAG and SEG one after another...
     modes["compare_sequential"] = lambda: [steps[k](x, t) for k in ("cfg", "cfg_sag", "cfg_pag", "cfg_seg")]
-    # ...against the same UNet rows in one batched call (2 + 2 + 3 + 3 rows) plus SAG's extra row: a lower
-    # bound for batching the four methods into one loop.
-    as_branches = lambda roles: [Branch(r) for r in roles]  # noqa: E731
-    modes["compare_batched_unet"] = lambda: (
-        model(x, t, as_branches(["uncond", "cond"] * 2 + ["uncond", "cond", "cond"] * 2)),
-        model(x, t, as_branches(["uncond"])))
+    # ...against the four in one step of one loop (seg_core.compare): image k of a batch of 4 guided by
+    # method k, one UNet call with every method's rows plus SAG's second call.
+    batch = args.batch
+    x4 = x.repeat(4, 1, 1, 1)
+    methods = [SAG(0.75), PAG(3.0), seg()]
+    for k, method in enumerate(methods, start=1):
+        method.rows = tuple(range(k * batch, (k + 1) * batch))
+    compare_step = guided_step(unet, model, methods, True, True)
+    modes["compare_batched"] = lambda: compare_step(x4, t)
     layer_modes = attention_layer_modes(device, dtype, args.sigma)
     if device.type == "cuda":  # single layers are launch-bound on a GPU: time their kernels alone
         with torch.no_grad():
@@ -237,7 +241,7 @@ def main(argv=None):
         "flops_cfg_seg_over_cfg": ratio("cfg_seg", "cfg", counted),
         "flops_cfg_seg_unshared_over_cfg": ratio("cfg_seg_unshared", "cfg", counted),
         "flops_seg_only_over_cond": ratio("seg_only", "cond", counted),
-        "compare_batched_over_sequential_unet": ratio("compare_batched_unet", "compare_sequential"),
+        "compare_batched_over_sequential": ratio("compare_batched", "compare_sequential"),
         "blur_over_attention": ratio("blur", "attention"),
         "seg_layer_blur_over_no_blur": ratio("seg_layer_blur", "seg_layer_no_blur"),
     }
