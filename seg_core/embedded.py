@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .shapes import CAPTIONS, IMAGE_SIZE, ShapeClassifier
-from .tiny import byte_level_tokenizer
+from .tiny import byte_level_tokenizer, small_text_config
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 #: The saved pipeline (model_index.json and safetensors weights).
@@ -60,11 +60,7 @@ def load_classifier() -> ShapeClassifier:
 
 
 def text_encoder_config(vocab_size: int) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-        hidden_size=32, intermediate_size=64, layer_norm_eps=1e-05, num_attention_heads=4,
-        num_hidden_layers=3, vocab_size=vocab_size, hidden_act="gelu", projection_dim=32,
-    )
+    return small_text_config(vocab_size, intermediate_size=64, num_hidden_layers=3)
 
 
 def build_components(seed: int = 0) -> dict:

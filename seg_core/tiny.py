@@ -35,11 +35,12 @@ def byte_level_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, pad_token=pad_token)
 
 
-def _text_config(vocab_size: int) -> CLIPTextConfig:
+def small_text_config(vocab_size: int, intermediate_size: int = 37, num_hidden_layers: int = 5) -> CLIPTextConfig:
+    """A CLIP text encoder of hidden size 32 (projection 32) over :func:`byte_level_tokenizer`'s vocabulary."""
     return CLIPTextConfig(
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-        hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4,
-        num_hidden_layers=5, vocab_size=vocab_size, hidden_act="gelu", projection_dim=32,
+        hidden_size=32, intermediate_size=intermediate_size, layer_norm_eps=1e-05, num_attention_heads=4,
+        num_hidden_layers=num_hidden_layers, vocab_size=vocab_size, hidden_act="gelu", projection_dim=32,
     )
 
 
@@ -63,8 +64,8 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
             latent_channels=4, sample_size=TINY_SIZE,
         )
         tokenizer = byte_level_tokenizer()
-        text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer)))
+        text_encoder = CLIPTextModel(small_text_config(len(tokenizer)))
+        text_encoder_2 = CLIPTextModelWithProjection(small_text_config(len(tokenizer)))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         steps_offset=1, timestep_spacing="leading",
