@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -31,7 +33,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from .blur import INFINITE_SIGMA_THRESHOLD
 from .attention import resolve_layers
-from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline
+from .compare import side_by_side
+from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
 from . import embedded
 from .presets import DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_pipeline, preprocess_control, with_controlnet
 
@@ -395,11 +398,12 @@ class Run:
     seconds: float
     unet_evaluations: int
     path: str = ""
+    one_loop: bool = False  # rendered with other methods in one loop: ``seconds`` is the whole loop's
 
     def info(self) -> dict:
         return {
             "label": self.label, "method": self.settings.method, "seed": self.settings.seed,
-            "seconds": round(self.seconds, 3), "unet_evaluations": self.unet_evaluations,
+            "seconds": round(self.seconds, 3), "one_loop": self.one_loop, "unet_evaluations": self.unet_evaluations,
             "unet_evaluations_per_step": round(self.unet_evaluations / self.settings.steps, 2),
             "file": self.path, "settings": self.settings.to_dict(),
         }
@@ -697,8 +701,13 @@ class Studio:
 
     def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float = 1.0,
                 pag_scale: float = 3.0, progress: Progress | None = None,
-                should_stop: Callable[[], bool] | None = None) -> tuple[list[Run], Image.Image | None]:
-        """Vanilla SDXL, SAG, PAG and SEG from the same seed and settings (SEG with ``settings``' scale)."""
+                should_stop: Callable[[], bool] | None = None,
+                one_loop: bool = False) -> tuple[list[Run], Image.Image | None]:
+        """Vanilla SDXL, SAG, PAG and SEG from the same seed and settings (SEG with ``settings``' scale).
+
+        ``one_loop`` renders the four in one denoising loop with batched UNet calls (seg_core.compare):
+        the same images, faster where UNet calls are launch-bound (a GPU), but one time for all four.
+        """
         if sag_scale <= 0 or pag_scale <= 0 or settings.seg_scale <= 0:
             raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
                              f"{sag_scale}, {pag_scale} and {settings.seg_scale}")
@@ -713,9 +722,62 @@ class Studio:
         _stamp_control(settings, control)
         steps = _StepCounter(settings.steps * len(variants), progress, should_stop)
         with self.lock:
-            runs = [self._run(label, dataclasses.replace(settings, **change), control, steps)
-                    for label, change in variants]
+            if one_loop:
+                runs = self._run_one_loop(variants, settings, control, steps)
+            else:
+                runs = [self._run(label, dataclasses.replace(settings, **change), control, steps)
+                        for label, change in variants]
         return runs, control
+
+    def _run_one_loop(self, variants, settings: Settings, control, steps: "_StepCounter") -> list[Run]:
+        """The variants' images in one loop (seg_core.compare.side_by_side), saved as separate runs."""
+        pipe = self.pipeline(settings.control_type)
+        each = [dataclasses.replace(settings, **change) for _, change in variants]
+        guidance_keys = inspect.signature(build_guidance_methods).parameters
+        method_sets = [build_guidance_methods(**{k: v for k, v in s.pipeline_kwargs().items() if k in guidance_keys})
+                       for s in each]
+        kwargs = {k: v for k, v in settings.pipeline_kwargs().items() if k not in guidance_keys}
+        if control is not None:
+            kwargs["image"] = control
+
+        def on_step_end(pipe, i, t, tensors):
+            for _ in variants:
+                steps.advance("all four in one loop")
+            return tensors
+
+        steps.check()
+        with UNetCounter(pipe.unet) as counter, self._out_of_memory_as_error(pipe, settings):
+            start = time.perf_counter()
+            images = side_by_side(pipe, method_sets, seed=settings.seed, output_type="pil",
+                                  callback_on_step_end=on_step_end, **kwargs)
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        # Each image's UNet evaluations: what it would cost alone (its rows of the batched calls).
+        do_cfg = settings.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        runs = []
+        for (label, _), run_settings, methods, image in zip(variants, each, method_sets, images):
+            evaluations = sum((2 if do_cfg else 1) + sum(m.is_active(i, settings.steps) for m in methods)
+                              for i in range(settings.steps))
+            run = Run(label, run_settings, image, seconds, evaluations, one_loop=True)
+            run.path = self._save(image, run_settings, run_settings.method.lower().replace("+", "-"),
+                                  {"seconds_all_four": round(seconds, 3), "unet_evaluations": evaluations})
+            runs.append(run)
+        if sum(r.unet_evaluations for r in runs) != counter.evaluations:
+            logger.warning("one loop: %d UNet rows counted, %d attributed", counter.evaluations,
+                           sum(r.unet_evaluations for r in runs))
+        return runs
+
+    @contextmanager
+    def _out_of_memory_as_error(self, pipe, settings: Settings):
+        try:
+            yield
+        except torch.OutOfMemoryError as error:
+            _release_memory()
+            raise OutOfMemory(
+                f"the {pipe.device.type} device ran out of memory at {settings.width}x{settings.height} "
+                f"({settings.method}, {settings.steps} steps); try a smaller size, or again later"
+            ) from error
 
     def sweep(self, settings: Settings, sigmas: Sequence, row_axis: str | None = None, row_values: Sequence = (),
               control_image: Image.Image | None = None, progress: Progress | None = None,
@@ -777,19 +839,13 @@ class Studio:
         steps.check()  # a request cancelled while it waited for the model does not start
         with UNetCounter(pipe.unet) as counter:
             start = time.perf_counter()
-            try:
-                # An exception anywhere in here leaves the model clean: the pipeline restores its
-                # attention processors and down-block hooks in `finally`.
+            # An exception anywhere in here leaves the model clean: the pipeline restores its
+            # attention processors and down-block hooks in `finally`.
+            with self._out_of_memory_as_error(pipe, settings):
                 image = pipe(**settings.pipeline_kwargs(), **extra, generator=generator, output_type="pil",
                              callback_on_step_end=on_step_end).images[0]
                 if pipe.device.type == "cuda":
                     torch.cuda.synchronize()
-            except torch.OutOfMemoryError as error:
-                _release_memory()
-                raise OutOfMemory(
-                    f"the {pipe.device.type} device ran out of memory at {settings.width}x{settings.height} "
-                    f"({settings.method}, {settings.steps} steps); try a smaller size, or again later"
-                ) from error
             seconds = time.perf_counter() - start
         run = Run(label, settings, image, seconds, counter.evaluations)
         if save:

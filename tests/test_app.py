@@ -76,6 +76,15 @@ def test_compare_labels_times_and_counts_unet_evaluations(client):
     methods = [read_png_settings(item["image"])["method"] for item in gallery]
     assert methods == ["vanilla", "SAG", "PAG", "SEG"]
 
+    # All four in one loop: the same images (to a rounding step) and the same UNet evaluations each.
+    together, together_runs = client.predict(prompt="a corgi", seed=1, steps=STEPS, guidance_scale=5.0,
+                                             one_loop=True, api_name="/compare")
+    assert [run["unet_evaluations"] for run in together_runs] == [run["unet_evaluations"] for run in runs]
+    assert all(run["one_loop"] for run in together_runs) and not any(run["one_loop"] for run in runs)
+    for alone, batched in zip(gallery, together):
+        difference = np.abs(pixels(alone["image"]).astype(int) - pixels(batched["image"]).astype(int))
+        assert difference.max() <= 1
+
 
 def test_sweep_with_canny_controlnet(client):
     from gradio_client import handle_file
