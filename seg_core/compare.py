@@ -4,7 +4,7 @@ Image k of the batch is guided by ``method_sets[k]`` only (each method applies t
 ``GuidanceMethod.rows``). Every step then makes one UNet call with the rows of all methods (vanilla,
 SAG, PAG and SEG: 2 + 2 + 3 + 3 rows with CFG) plus SAG's second call, instead of one pipeline run per
 method. The images equal separate runs from the same seed. It pays where UNet calls are bound by kernel
-launches (a GPU at batch 1: 0.66x the time of four runs on an H200); where they are compute-bound it
+launches (a GPU at batch 1: 0.63x the time of four runs on an H200); where they are compute-bound it
 saves nothing, and it cannot time each method on its own. See bench/guidance_cost.py.
 """
 

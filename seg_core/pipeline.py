@@ -508,7 +508,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
 def _rows_by_branch(tensor: torch.Tensor, computed: Sequence[str], branches: Sequence[Branch]) -> torch.Tensor:
     """Lay out per-role results (``computed``, one chunk each) for ``branches``; zeros for roles not computed."""
     chunks = dict(zip(computed, tensor.chunk(len(computed))))
-    zero = torch.zeros_like(tensor.chunk(len(computed))[0])
+    zero = torch.zeros_like(chunks[computed[0]])
     return torch.cat([select_rows(chunks.get(b.role, zero), b.rows) for b in branches])
 
 
