@@ -43,5 +43,38 @@ def controlnet(components):
     return tiny_controlnet(components["unet"])
 
 
+def in_float64(*modules_or_dicts):
+    """Move tiny models to float64, in place. Tests whose two sides differ only in batching or scheduling
+    (one loop vs separate runs, shared vs recomputed down blocks) run in float64 and compare to EXACT:
+    float32 summation order depends on the batch and on the CPU's kernels (1e-5 on some x86 CPUs)."""
+    for item in modules_or_dicts:
+        for module in (item.values() if isinstance(item, dict) else [item]):
+            if isinstance(module, torch.nn.Module):
+                module.to(torch.float64)
+    return modules_or_dicts[0]
+
+
+@pytest.fixture
+def components64(components):
+    return in_float64(components)
+
+
+@pytest.fixture
+def pipe64(components64):
+    pipeline = StableDiffusionXLSEGPipeline(**components64, add_watermarker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture
+def controlnet64(components64):
+    return in_float64(tiny_controlnet(components64["unet"]))
+
+
+#: Agreement of float64 runs whose sides differ only in summation order (float64 rounding, ~1e-16 per
+#: operation, stays far below this through a few steps).
+EXACT = dict(rtol=0, atol=1e-10)
+
+
 def generator(seed=0):
     return torch.Generator().manual_seed(seed)

@@ -53,7 +53,7 @@ def seg_core_sag_loop(pipe, prompt, steps, guidance_scale, sag_scale, size):
     method = SAG(sag_scale)
     method.bind(pipe.unet)
     plan = BranchPlan()
-    step = GuidedStep([method], plan, guidance_scale, do_cfg)
+    step = GuidedStep([method], plan)
 
     def model(x, t, branches):
         assert all(b.rows is None for b in branches)
@@ -64,7 +64,7 @@ def seg_core_sag_loop(pipe, prompt, steps, guidance_scale, sag_scale, size):
     with patched_self_attention(pipe.unet, step.patched_layers(), plan):
         for i, t in enumerate(timesteps):
             x = pipe.scheduler.scale_model_input(latents, t)
-            eps = step(model, x, t, i, len(timesteps), pipe.scheduler)
+            eps = step(model, x, t, i, len(timesteps), pipe.scheduler, guidance_scale, do_cfg)
             latents = pipe.scheduler.step(eps, t, latents).prev_sample
     return latents
 
