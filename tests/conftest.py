@@ -7,6 +7,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
 import torch
+from diffusers.utils import logging as diffusers_logging
 
 from seg_core.pipeline import StableDiffusionXLSEGPipeline
 from seg_core.tiny import tiny_controlnet, tiny_sdxl_components
@@ -47,10 +48,15 @@ def in_float64(*modules_or_dicts):
     """Move tiny models to float64, in place. Tests whose two sides differ only in batching or scheduling
     (one loop vs separate runs, shared vs recomputed down blocks) run in float64 and compare to EXACT:
     float32 summation order depends on the batch and on the CPU's kernels (1e-5 on some x86 CPUs)."""
-    for item in modules_or_dicts:
-        for module in (item.values() if isinstance(item, dict) else [item]):
-            if isinstance(module, torch.nn.Module):
-                module.to(torch.float64)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # (the tiny models keep no module in float32)
+    try:
+        for item in modules_or_dicts:
+            for module in (item.values() if isinstance(item, dict) else [item]):
+                if isinstance(module, torch.nn.Module):
+                    module.to(torch.float64)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return modules_or_dicts[0]
 
 
