@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler
 
-from conftest import EXACT, generator
+from conftest import EXACT, SMALL, generator
 from seg_core import PAG, SAG, SEG, StableDiffusionXLSEGPipeline
 from seg_core.compare import side_by_side
 from test_exactness import control_image
@@ -20,7 +20,7 @@ def separate(pipe, methods, **kwargs):
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no-cfg"])
 def test_side_by_side_equals_separate_runs(pipe64, guidance_scale):
     pipe = pipe64
-    kwargs = dict(num_inference_steps=3, output_type="latent", guidance_scale=guidance_scale)
+    kwargs = dict(num_inference_steps=3, output_type="latent", guidance_scale=guidance_scale, **SMALL)
     rows = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     try:
@@ -38,7 +38,7 @@ def test_side_by_side_with_ancestral_noise_and_controlnet(components64, controln
     pipe = StableDiffusionXLSEGPipeline(**components64, controlnet=controlnet64, add_watermarker=False)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(num_inference_steps=3, output_type="latent", image=control_image())
+    kwargs = dict(num_inference_steps=3, output_type="latent", image=control_image(), **SMALL)
     together = side_by_side(pipe, SETS, "a red bicycle", seed=0, **kwargs)
     for k, methods in enumerate(SETS):
         torch.testing.assert_close(together[k : k + 1], separate(pipe, methods, **kwargs), **EXACT)

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from conftest import EXACT, generator, in_float64
+from conftest import EXACT, SMALL, generator, in_float64
 from seg_core import StableDiffusionXLSEGPipeline, load_pipeline
 from seg_core.attention import resolve_layers, token_grid
 from seg_core.methods import GuidanceMethod
@@ -71,10 +71,10 @@ def test_calls_do_not_influence_each_other(pipe):
 def test_batches_match_single_images(pipe64):
     pipe = pipe64
     prompts = ["a red bicycle", "a blue house"]
-    batch = pipe(prompts, generator=[generator(0), generator(1)], seg_blur_sigma=2.0, sag_scale=0.5,
-                 pag_scale=1.0, **RUN).images
+    kwargs = dict(seg_blur_sigma=2.0, sag_scale=0.5, pag_scale=1.0, **RUN, **SMALL)
+    batch = pipe(prompts, generator=[generator(0), generator(1)], **kwargs).images
     for k, prompt in enumerate(prompts):
-        single = pipe(prompt, generator=generator(k), seg_blur_sigma=2.0, sag_scale=0.5, pag_scale=1.0, **RUN).images
+        single = pipe(prompt, generator=generator(k), **kwargs).images
         torch.testing.assert_close(batch[k : k + 1], single, **EXACT)
 
 

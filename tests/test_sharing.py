@@ -4,7 +4,7 @@ down-block rows."""
 import pytest
 import torch
 
-from conftest import EXACT, generator
+from conftest import EXACT, SMALL, generator
 from seg_core import StableDiffusionXLSEGPipeline
 from test_exactness import control_image
 
@@ -22,7 +22,8 @@ def run_counting(pipe, share, **kwargs):
     handles = [pipe.unet.down_blocks[-1].resnets[0].register_forward_pre_hook(count("down")),
                pipe.unet.mid_block.resnets[0].register_forward_pre_hook(count("mid"))]
     try:
-        out = pipe("a red bicycle", num_inference_steps=3, generator=generator(), output_type="latent", **kwargs).images
+        out = pipe("a red bicycle", num_inference_steps=3, generator=generator(), output_type="latent", **SMALL,
+                   **kwargs).images
     finally:
         for handle in handles:
             handle.remove()
