@@ -50,16 +50,45 @@ def test_user_processors_survive_and_serve_the_unchanged_branches(pipe):
     assert mine.rows == 3 * 2  # 3 steps x [uncond, cond]; the SEG and PAG branches are changed
 
 
-def test_processors_restored_when_a_step_raises(pipe):
+def hooks_left(module: torch.nn.Module) -> list[str]:
+    """Names of ``module``'s submodules (itself included) that carry forward hooks of any kind."""
+    return [name or "<root>" for name, m in module.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs]
+
+
+class FailingProcessor(AttnProcessor2_0):
+    """Ordinary attention that raises on its n-th call: a fault inside the UNet, mid-run."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.calls, self.n = 0, n
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("fault inside the UNet")
+        return super().__call__(*args, **kwargs)
+
+
+def explode(pipeline, step, t, tensors):
+    raise RuntimeError("user callback failed")
+
+
+@pytest.mark.parametrize("where", ["callback", "unet"])
+def test_processors_and_hooks_restored_when_a_step_raises(pipe, where):
+    clean = run(pipe, seg_scale=3.0, pag_scale=1.0, sag_scale=1.0)
+    if where == "unet":  # the first down-block attention, on the second step (its down path is shared)
+        name = [n for n in processors(pipe) if n.startswith("down_blocks.1")][0]
+        pipe.unet.set_attn_processor({**processors(pipe), name: FailingProcessor(3)})
     before = processors(pipe)
-
-    def explode(pipeline, step, t, tensors):
-        raise RuntimeError("user callback failed")
-
-    with pytest.raises(RuntimeError, match="user callback failed"):
-        run(pipe, seg_scale=3.0, sag_scale=1.0, callback_on_step_end=explode)
+    kwargs = dict(callback_on_step_end=explode) if where == "callback" else {}
+    with pytest.raises(RuntimeError, match="user callback failed|fault inside the UNet"):
+        run(pipe, seg_scale=3.0, pag_scale=1.0, sag_scale=1.0, **kwargs)
     assert processors(pipe) == before
-    run(pipe, seg_scale=0)  # and the next call works
+    assert hooks_left(pipe.unet) == []  # down-block sharing hooks every unet.down_blocks[i]
+    if where == "unet":
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+    torch.testing.assert_close(run(pipe, seg_scale=3.0, pag_scale=1.0, sag_scale=1.0), clean, rtol=0, atol=0)
 
 
 def test_calls_do_not_influence_each_other(pipe):

@@ -151,3 +151,59 @@ def test_api_snippet_runs_against_the_demo(monkeypatch):
     exec(snippet.replace('"http://127.0.0.1:7860/"', repr(url)), namespace)  # noqa: S102
     assert Path(namespace["path"]).exists() and Path(namespace["grid"]).exists()
     assert len(namespace["images"]) == 4
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level modules ``path`` imports, except those guarded by ``except ImportError`` (optional)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers):
+            guarded.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_everything_the_code_imports_is_installed_by_the_requirements():
+    """A fresh `pip install -r requirements.txt` runs the library, the demo, the scripts and the bench
+    (scipy was once missing: scripts/evaluate.py failed on a fresh install)."""
+    from importlib.metadata import distribution, packages_distributions
+
+    from packaging.requirements import Requirement
+
+    def closure(names):
+        seen, todo = set(), [n.lower().replace("_", "-") for n in names]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for line in distribution(name).requires or []:
+                req = Requirement(line)
+                if req.marker is None or req.marker.evaluate({"extra": ""}):
+                    todo.append(req.name.lower().replace("_", "-"))
+        return seen
+
+    listed = [Requirement(line).name for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    installed = closure(listed)
+    providers = packages_distributions()
+    files = [*ROOT.glob("seg_core/*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("bench/*.py"), ROOT / "app.py"]
+    local = {"seg_core", "app"}
+    missing = {}
+    for path in files:
+        for module in imported_packages(path) - local - set(sys.stdlib_module_names):
+            dists = {d.lower().replace("_", "-") for d in providers.get(module, [module])}
+            if not dists & installed:
+                missing.setdefault(module, []).append(path.name)
+    assert not missing, f"imported but installed by no requirement in requirements.txt: {missing}"
