@@ -441,10 +441,11 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                 control_scale = controlnet_conditioning_scale * controlnet_keep[i]
                 x = self.scheduler.scale_model_input(latents, t)
                 do_cfg = self.do_classifier_free_guidance
-                if do_cfg and len(conditioning.get("uncond", {})) < len(self._callback_roles):
+                missing = sorted(conditioning["cond"].keys() - conditioning.get("uncond", {}).keys()) if do_cfg else []
+                if missing:
                     raise ValueError(f"guidance_scale became {self.guidance_scale} at step {i}, but there are no "
-                                     "unconditional embeddings: a callback that turns CFG on must return them "
-                                     "([uncond, cond] rows of prompt_embeds, add_text_embeds, add_time_ids)")
+                                     f"unconditional {', '.join(missing)}: a callback that turns CFG on must return "
+                                     "[uncond, cond] rows of prompt_embeds, add_text_embeds and add_time_ids")
                 noise_pred = guided(model, x, t, i, len(timesteps), self.scheduler,
                                     self.guidance_scale, do_cfg, self.guidance_rescale)
 

@@ -32,11 +32,16 @@ def components():
     return parts
 
 
-@pytest.fixture
-def pipe(components):
-    pipeline = StableDiffusionXLSEGPipeline(**components, add_watermarker=False)
+def make_pipe(components, cls=StableDiffusionXLSEGPipeline, **extra):
+    """A pipeline of ``cls`` on ``components`` (plus ``extra``, e.g. a controlnet), without progress bars."""
+    pipeline = cls(**components, **extra, add_watermarker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture
+def pipe(components):
+    return make_pipe(components)
 
 
 @pytest.fixture
@@ -67,9 +72,7 @@ def components64(components):
 
 @pytest.fixture
 def pipe64(components64):
-    pipeline = StableDiffusionXLSEGPipeline(**components64, add_watermarker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return make_pipe(components64)
 
 
 @pytest.fixture

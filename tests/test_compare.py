@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import EulerAncestralDiscreteScheduler
 
-from conftest import EXACT, SMALL, generator
-from seg_core import PAG, SAG, SEG, StableDiffusionXLSEGPipeline
+from conftest import EXACT, SMALL, generator, make_pipe
+from seg_core import PAG, SAG, SEG
 from seg_core.compare import side_by_side
 from test_exactness import control_image
 
@@ -35,9 +35,8 @@ def test_side_by_side_equals_separate_runs(pipe64, guidance_scale):
 
 
 def test_side_by_side_with_ancestral_noise_and_controlnet(components64, controlnet64):
-    pipe = StableDiffusionXLSEGPipeline(**components64, controlnet=controlnet64, add_watermarker=False)
+    pipe = make_pipe(components64, controlnet=controlnet64)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     kwargs = dict(num_inference_steps=3, output_type="latent", image=control_image(), **SMALL)
     together = side_by_side(pipe, SETS, "a red bicycle", seed=0, **kwargs)
     for k, methods in enumerate(SETS):

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.callbacks import SDXLCFGCutoffCallback
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from conftest import EXACT, generator
+from conftest import EXACT, generator, make_pipe
 from seg_core import StableDiffusionXLSEGPipeline
 from test_exactness import relative_error, reference_pipeline
 
@@ -32,9 +32,7 @@ def images(pipe, **kwargs):
 def reference(components, mode):
     """(pipeline, its guidance arguments) that ours must equal in ``mode``."""
     if mode == "off":
-        base = StableDiffusionXLPipeline(**components, add_watermarker=False)
-        base.set_progress_bar_config(disable=True)
-        return base, {}
+        return make_pipe(components, StableDiffusionXLPipeline), {}
     return reference_pipeline(components, 2.0 if mode == "seg" else None), dict(pag_scale=3.0)
 
 
@@ -137,7 +135,7 @@ def test_a_callback_can_turn_cfg_on_with_the_embeddings_it_needs(pipe64):
         pipeline._guidance_scale = 5.0
         return tensors
 
-    with pytest.raises(ValueError, match="guidance_scale became 5.0 at step 1, but there are no unconditional"):
+    with pytest.raises(ValueError, match="guidance_scale became 5.0 at step 1, but there are no unconditional prompt_embeds, text_embeds"):
         images(pipe64, guidance_scale=1.0, callback_on_step_end=cfg_on_without_embeddings)
 
     def wrong_rows(pipeline, step, t, tensors):
@@ -173,11 +171,11 @@ def test_attention_slicing_with_sag(pipe64):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_from_pipe_both_ways(components64, mode):
-    sdxl = StableDiffusionXLPipeline(**components64, add_watermarker=False)
+    sdxl = make_pipe(components64, StableDiffusionXLPipeline)
     ours = StableDiffusionXLSEGPipeline.from_pipe(sdxl)
     back = StableDiffusionXLPipeline.from_pipe(ours)
-    direct = StableDiffusionXLSEGPipeline(**components64, add_watermarker=False)
-    for pipe in (sdxl, ours, back, direct):
+    direct = make_pipe(components64)
+    for pipe in (ours, back):
         pipe.set_progress_bar_config(disable=True)
     assert ours.unet is sdxl.unet and back.unet is sdxl.unet
     assert (images(ours, **MODES[mode]) == images(direct, **MODES[mode])).all()

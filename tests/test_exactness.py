@@ -18,7 +18,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from conftest import EXACT, SMALL, generator
+from conftest import EXACT, SMALL, generator, make_pipe
 from reference import ReferenceSEGProcessor
 from seg_core import StableDiffusionXLSEGPipeline
 
@@ -41,8 +41,7 @@ def reference_pipeline(components, sigma=None, layers=("mid",), controlnet=None,
     test's own query-blur processor (on the square grid, or ``grid`` = (H, W))."""
     cls = StableDiffusionXLControlNetPAGPipeline if controlnet is not None else StableDiffusionXLPAGPipeline
     extra = {} if controlnet is None else {"controlnet": controlnet}
-    ref = cls(**components, **extra, pag_applied_layers=list(layers), add_watermarker=False)
-    ref.set_progress_bar_config(disable=True)
+    ref = make_pipe(components, cls, **extra, pag_applied_layers=list(layers))
     if sigma is not None:
         processors = (ReferenceSEGProcessor(sigma, 3, grid), ReferenceSEGProcessor(sigma, 2, grid))
         ref.set_pag_applied_layers(list(layers), pag_attn_processors=processors)
@@ -174,8 +173,7 @@ def test_controlnet_with_pag_and_seg_matches_diffusers_controlnet_pag_pipeline(
     way the perturbed branch gets the ControlNet residuals of the conditional branch."""
     sigma = 3.0 if method == "seg" else None
     ref = reference_pipeline(components64, sigma, controlnet=controlnet64)
-    ours = StableDiffusionXLSEGPipeline(**components64, controlnet=controlnet64, add_watermarker=False)
-    ours.set_progress_bar_config(disable=True)
+    ours = make_pipe(components64, controlnet=controlnet64)
     kwargs = dict(image=control_image(), guidance_scale=guidance_scale, **CONTROL)
     with guess_mode_for(controlnet64, guess_mode, 3 if guidance_scale > 1 else 2):
         expected = latents(ref, pag_scale=3.0, **kwargs)

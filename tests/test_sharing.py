@@ -4,8 +4,7 @@ down-block rows."""
 import pytest
 import torch
 
-from conftest import EXACT, SMALL, generator
-from seg_core import StableDiffusionXLSEGPipeline
+from conftest import EXACT, SMALL, generator, make_pipe
 from test_exactness import control_image
 
 
@@ -50,8 +49,7 @@ def test_shared_down_blocks_match_recomputation(pipe64, kwargs, down_rows_per_st
 
 
 def test_shared_down_blocks_with_controlnet(components64, controlnet64):
-    pipe = StableDiffusionXLSEGPipeline(**components64, controlnet=controlnet64, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = make_pipe(components64, controlnet=controlnet64)
     kwargs = dict(image=control_image(), seg_scale=3.0, pag_scale=1.0)
     unshared, _ = run_counting(pipe, False, **kwargs)
     shared, rows = run_counting(pipe, True, **kwargs)
