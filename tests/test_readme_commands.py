@@ -50,6 +50,7 @@ def test_every_readme_command_line_is_accepted_by_its_script(script):
         parse_args(argv)  # exits (SystemExit) on an unknown or malformed flag
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 128 features from a handful of images
 def test_evaluate_script_writes_both_tables(monkeypatch, tmp_path, capsys):
     # Toy size: 12 captions instead of 84 (the sample grid takes 12 per row), 4 images in Table 1, 1 step.
     monkeypatch.setattr(shapes, "LABELS", shapes.LABELS[:12])
