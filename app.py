@@ -31,7 +31,6 @@ from gradio_client.utils import is_http_url_like
 
 from seg_core.studio import (
     CONTROL_TYPES,
-    GPU,
     GenerationCancelled,
     Limits,
     Settings,
@@ -41,6 +40,7 @@ from seg_core.studio import (
     parse_sigma,
     parse_values,
 )
+from seg_core.zerogpu import GPU, in_gpu_worker
 
 logger = logging.getLogger("seg_app")
 
@@ -121,11 +121,13 @@ def cancellation_check():
 
     Gradio cannot stop a handler's thread; it drops a cancelled event from its running jobs and marks
     the event of a lost client as not alive. Generation polls this after every denoising step.
-    None outside a Gradio event (a direct call, or a ZeroGPU worker process).
+    None outside a Gradio event (a direct call), and in a ZeroGPU worker: there the queue is the copy
+    taken when the worker was forked, so it would call every later request cancelled; ZeroGPU bounds the
+    work itself (the request's duration, seg_core.zerogpu).
     """
     blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
     queue = getattr(blocks, "_queue", None)
-    if queue is None or event_id is None:
+    if queue is None or event_id is None or in_gpu_worker():
         return None
 
     def should_stop() -> bool:

@@ -36,6 +36,7 @@ from .attention import resolve_layers
 from .compare import side_by_side
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
 from . import embedded
+from .zerogpu import GPU  # noqa: F401 (re-exported: the app decorates its handlers with it)
 from .presets import DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_pipeline, preprocess_control, with_controlnet
 
 logger = logging.getLogger(__name__)
@@ -205,25 +206,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, "white")
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
-
-
-# --------------------------------------------------------------------------------------------------
-# ZeroGPU
-# --------------------------------------------------------------------------------------------------
-
-
-def GPU(fn: Callable | None = None, *, duration: float | None = None):  # noqa: N802 (the name `spaces` uses)
-    """``spaces.GPU`` on a Hugging Face ZeroGPU Space, a no-op elsewhere. Works bare (``@GPU``) and
-    with arguments (``@GPU(duration=120)``)."""
-    try:
-        import spaces
-    except ImportError:
-        spaces = None
-    if fn is None:  # @GPU(duration=...)
-        if spaces is None:
-            return lambda f: f
-        return spaces.GPU(duration=duration) if duration is not None else spaces.GPU
-    return spaces.GPU(fn) if spaces is not None else fn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,6 +504,17 @@ def model_lock(model: str) -> threading.Lock:
         return _model_locks.setdefault(model, threading.Lock())
 
 
+def _fresh_locks_in_child() -> None:
+    """A forked process (a ZeroGPU worker) starts with new, free locks: a lock copied while a thread of the
+    server held it would stay held there forever."""
+    global _model_locks_guard
+    _model_locks_guard = threading.Lock()
+    _model_locks.clear()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)
+
+
 def depth_available() -> bool:
     """Whether the depth estimator can be loaded: online, or its weights cached."""
     from huggingface_hub import constants, try_to_load_from_cache
@@ -553,7 +546,6 @@ class Studio:
         self._load_lock = threading.Lock()
         self.output_dir = output_dir or tempfile.mkdtemp(prefix="seg-studio-")
         os.makedirs(self.output_dir, exist_ok=True)
-        self._counter = 0
         try:
             self.model = model
             self.pipeline("none")
@@ -564,7 +556,11 @@ class Studio:
             logger.warning("could not load %s (%s); starting on %r", model, self.load_error, fallback)
             self.model = fallback
             self.pipeline("none")
-        self.lock = model_lock(self.model)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """One generation at a time on this model (in this process)."""
+        return model_lock(self.model)
 
     # ---- model ------------------------------------------------------------------------------------
 
@@ -608,6 +604,9 @@ class Studio:
         """The pipeline for ``control_type`` ("none", "canny", "depth"), loaded once and cached."""
         if control_type not in CONTROL_TYPES:
             raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {control_type!r}")
+        pipe = self._pipes.get(control_type)
+        if pipe is not None:  # loaded: no lock (a ZeroGPU worker's copy of the lock may be held forever)
+            return pipe
         with self._load_lock:
             if control_type not in self._pipes:
                 self._pipes[control_type] = self._load(control_type)
@@ -854,11 +853,11 @@ class Studio:
         return run
 
     def _save(self, image: Image.Image, settings: Settings, stem: str, extra: dict | None = None) -> str:
-        with self._load_lock:
-            self._counter += 1
-            number = self._counter
-        path = os.path.join(self.output_dir, f"{number:05d}-{stem}-seed{settings.seed}.png")
-        image.save(path, format="PNG", pnginfo=png_info(settings, extra))
+        # A unique name from the file system, not from a counter: ZeroGPU workers forked from the same
+        # server would count from the same number and overwrite each other's files.
+        handle, path = tempfile.mkstemp(prefix=f"{stem}-seed{settings.seed}-", suffix=".png", dir=self.output_dir)
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, format="PNG", pnginfo=png_info(settings, extra))
         return path
 
 

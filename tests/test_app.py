@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from app_server import running_demo
-from seg_core.studio import GPU, Studio, UNetCounter, labelled_grid, parse_sigma, parse_values, read_png_settings
+from seg_core.zerogpu import GPU
+from seg_core.studio import Studio, UNetCounter, labelled_grid, parse_sigma, parse_values, read_png_settings
 
 STEPS = 2  # fast on the tiny model; every path still runs
 HOUSE = "assets/control_house.png"

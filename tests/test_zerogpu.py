@@ -1,0 +1,132 @@
+"""The real app under an emulation of ZeroGPU's process model (tests/zerogpu_spaces/spaces.py): every GPU
+handler runs in a worker forked from the server on first use and reused afterwards, which sees the server's
+state only as the copy taken at the fork. Each result must equal a plain run of the same request.
+
+The server runs in its own process (tests/zerogpu_server.py, one torch thread) so that the fork happens
+from a process that used torch one way only, as a Space does; the plain runs happen here.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app_server import free_port
+from seg_core.studio import Studio
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HOUSE = os.path.join(os.path.dirname(HERE), "assets", "control_house.png")
+
+GENERATE_CALLS = [  # five requests with different settings; every one must run (the bug: all but the first)
+    dict(prompt="a corgi", seed=1, steps=2),
+    dict(prompt="", seed=2, steps=3, seg_blur_sigma="4"),
+    dict(prompt="a cottage", seed=3, steps=2, guidance_scale=3.0, pag_scale=2.0),
+    dict(prompt="a lake", seed=4, steps=2, sag_scale=1.0, seg_scale=0.0),
+    dict(prompt="a house", seed=5, steps=2, control_type="canny", control_image=HOUSE),
+]
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def zerogpu(tmp_path_factory):
+    """(client, log path, server pid): the app served under the stand-in, in a process of its own."""
+    from gradio_client import Client
+
+    folder = tmp_path_factory.mktemp("zerogpu")
+    log, output = folder / "calls.jsonl", folder / "server.log"
+    port = free_port()
+    env = dict(os.environ, FAKE_SPACES_LOG=str(log), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False")
+    with open(output, "w") as sink:
+        server = subprocess.Popen([sys.executable, os.path.join(HERE, "zerogpu_server.py"), str(port)], env=env,
+                                  stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"the server under the ZeroGPU stand-in exited:\n{output.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the server did not answer in 180 s:\n{output.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield Client(url, verbose=False), log, server.pid
+    finally:
+        server.terminate()
+        server.wait(20)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return Studio("tiny", fallback=None)
+
+
+def records(log, event: str) -> list[dict]:
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    return [line for line in lines if line["event"] == event]
+
+
+def test_generate_five_times_then_compare_and_sweep_equal_plain_runs(zerogpu, plain):
+    from gradio_client import handle_file
+
+    client, log, server_pid = zerogpu
+    for call in GENERATE_CALLS:
+        request = dict(call)
+        if "control_image" in request:
+            request["control_image"] = handle_file(request["control_image"])
+        path, info = client.predict(**request, api_name="/generate")
+        control = call.get("control_image")
+        settings = plain.settings(**{k: v for k, v in call.items() if k != "control_image"})
+        run, _ = plain.generate(settings, control)
+        assert info["settings"] == run.settings.to_dict()
+        assert np.array_equal(pixels(path), pixels(run.path)), call
+
+    gallery, runs = client.predict(prompt="a corgi", seed=6, steps=2, api_name="/compare")
+    expected, _ = plain.compare(plain.settings(prompt="a corgi", seed=6, steps=2), None, 1.0, 3.0)
+    assert [run["label"] for run in runs] == [run.label for run in expected]
+    for item, run in zip(gallery, expected, strict=True):
+        assert np.array_equal(pixels(item["image"]), pixels(run.path)), run.label
+
+    grid, info = client.predict(prompt="", seed=7, steps=1, seg_blur_sigmas="1, inf", second_axis="seg_scale",
+                                second_axis_values="1, 3", api_name="/sweep")
+    sweep, _ = plain.sweep(plain.settings(prompt="", seed=7, steps=1), [1.0, math.inf], "seg_scale", [1.0, 3.0])
+    assert len(info["runs"]) == 4 and np.array_equal(pixels(grid), pixels(sweep.path))
+
+    # The process model really was ZeroGPU's: one worker per handler, forked once, reused for every call.
+    scheduled = records(log, "schedule")
+    assert Counter(r["task"] for r in scheduled) == {"generate": 5, "compare": 1, "sweep": 1}
+    generate_workers = {r["worker_pid"] for r in scheduled if r["task"] == "generate"}
+    assert len(generate_workers) == 1 and server_pid not in generate_workers
+    ran = records(log, "run")
+    assert len(ran) == 7 and all(r["pid"] != server_pid for r in ran)
+    # Progress went from the worker to the server's queue: at least one update per denoising step.
+    progress = Counter(r["task"] for r in records(log, "queue") if r["method"] == "set_progress")
+    assert progress["generate"] >= sum(call["steps"] for call in GENERATE_CALLS)
+    assert progress["compare"] >= 4 * 2 and progress["sweep"] >= 4
+
+
+def test_a_cancelled_request_does_not_break_the_next_one(zerogpu, plain):
+    client, _, _ = zerogpu
+    job = client.submit(prompt="long", seed=8, steps=150, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while job.status().code.name not in ("PROCESSING", "FINISHED") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    path, _ = client.predict(prompt="after", seed=9, steps=2, api_name="/generate")
+    run, _ = plain.generate(plain.settings(prompt="after", seed=9, steps=2))
+    assert np.array_equal(pixels(path), pixels(run.path))
