@@ -226,9 +226,40 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         )
         return settings, values["control_image"]
 
+    def on_gpu(request_seconds):
+        """``spaces.GPU`` asking, per request, for ``request_seconds(arguments)`` (computed in the server
+        before the request is scheduled: a request that could never fit the quota is refused at once)."""
+
+        def decorate(handler):
+            signature = inspect.signature(handler)
+
+            @show_errors
+            def duration(*args, **kwargs):
+                arguments = signature.bind(*args, **kwargs)
+                arguments.apply_defaults()
+                return request_seconds(dict(arguments.arguments))
+
+            return GPU(handler, duration=duration)
+
+        return decorate
+
+    def ui_sweep_axes(values: dict):
+        """The sweep's sigmas, second axis and its values from the UI controls."""
+        sigmas = parse_values(values["sweep_sigmas"], "blur σ values", parse_sigma)
+        axis = SWEEP_AXES.get(values["sweep_axis"], values["sweep_axis"])
+        axis_values = parse_values(values["sweep_values"], f"{values['sweep_axis']} values") if axis != "none" else []
+        return sigmas, axis, axis_values
+
+    def api_sweep_axes(values: dict):
+        """The sweep's sigmas, second axis and its values from the API's arguments."""
+        sigmas = parse_values(values["seg_blur_sigmas"], "seg_blur_sigmas", parse_sigma)
+        axis = values["second_axis"] or "none"
+        axis_values = parse_values(values["second_axis_values"], "second_axis_values") if axis != "none" else []
+        return sigmas, axis, axis_values
+
     # ---- UI event handlers (private: the API below has library-named arguments) -------------------
 
-    @GPU
+    @on_gpu(lambda values: studio.gpu_seconds("generate", ui_settings(values)[0]))
     @show_errors
     def ui_generate(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                     log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
@@ -245,7 +276,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 f"({info['unet_evaluations_per_step']:g} per step). The PNG carries all settings.")
         return run.path, settings.seed, text, control
 
-    @GPU(duration=120)
+    @on_gpu(lambda values: studio.gpu_seconds("compare", ui_settings(values)[0]))
     @show_errors
     def ui_compare(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                    log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
@@ -267,16 +298,14 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
             (paths[labels[0]], paths[labels[-1]]), list(paths.values()), settings.seed, control,
         )
 
-    @GPU(duration=300)
+    @on_gpu(lambda values: studio.gpu_seconds("sweep", ui_settings(values)[0], *ui_sweep_axes(values)))
     @show_errors
     def ui_sweep(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                  log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
                  control_image, controlnet_conditioning_scale, sweep_sigmas, sweep_axis, sweep_values,
                  progress=gr.Progress()):
         settings, image = ui_settings(locals())
-        sigmas = parse_values(sweep_sigmas, "blur σ values", parse_sigma)
-        axis = SWEEP_AXES.get(sweep_axis, sweep_axis)
-        values = parse_values(sweep_values, f"{sweep_axis} values") if axis != "none" else []
+        sigmas, axis, values = ui_sweep_axes(locals())
         sweep, control = studio.sweep(settings, sigmas, axis, values, image, progress=progress_reporter(progress),
                                       should_stop=cancellation_check())
         info = sweep.info()
@@ -302,7 +331,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         fields = {f.name for f in dataclasses.fields(Settings)}
         return studio.settings(**{k: v for k, v in values.items() if k in fields}), values.get("control_image")
 
-    @GPU
+    @on_gpu(lambda values: studio.gpu_seconds("generate", api_settings(values)[0]))
     @show_errors
     def generate(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
                  guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=None,
@@ -316,7 +345,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                  should_stop=cancellation_check())
         return run.path, run.info()
 
-    @GPU(duration=120)
+    @on_gpu(lambda values: studio.gpu_seconds("compare", api_settings(values)[0]))
     @show_errors
     def compare(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
                 guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=3.0,
@@ -336,7 +365,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                  should_stop=cancellation_check(), one_loop=one_loop)
         return [(run.path, run.label) for run in runs], [run.info() for run in runs]
 
-    @GPU(duration=300)
+    @on_gpu(lambda values: studio.gpu_seconds("sweep", api_settings(values)[0], *api_sweep_axes(values)))
     @show_errors
     def sweep(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
               guidance_scale=None, seg_scale=None, seg_blur_sigmas="1, 4, 16, 64, inf", second_axis="none",
@@ -346,10 +375,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         """A labelled grid: seg_blur_sigmas (e.g. "1, 4, 16, inf") as columns and, optionally, second_axis
         ("seg_scale" or "guidance_scale") over second_axis_values (e.g. "1, 3, 5") as rows; one seed."""
         values = locals()
-        sigmas = parse_values(values.pop("seg_blur_sigmas"), "seg_blur_sigmas", parse_sigma)
-        axis = values.pop("second_axis") or "none"
-        axis_values = values.pop("second_axis_values")
-        axis_values = parse_values(axis_values, "second_axis_values") if axis != "none" else []
+        sigmas, axis, axis_values = api_sweep_axes(values)
         settings, image = api_settings(values)
         result, _ = studio.sweep(settings, sigmas, axis, axis_values, image, progress=progress_reporter(progress),
                                  should_stop=cancellation_check())

@@ -36,7 +36,7 @@ from .attention import resolve_layers
 from .compare import side_by_side
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
 from . import embedded
-from .zerogpu import GPU  # noqa: F401 (re-exported: the app decorates its handlers with it)
+from .zerogpu import GPU, GPUCost, Work, evaluations_per_step, gpu_duration  # noqa: F401 (GPU re-exported)
 from .presets import DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_pipeline, preprocess_control, with_controlnet
 
 logger = logging.getLogger(__name__)
@@ -71,23 +71,35 @@ EMBEDDED_BANNER = (
 )
 
 
+# What one UNet evaluation costs, measured (the basis of ZeroGPU durations, seg_core.zerogpu).
+SDXL_COST = GPUCost(
+    unet_seconds=0.087, reference_pixels=1024 * 1024, image_seconds=0.5,
+    measured="fp16 SDXL UNet at 1024x1024, batch 1, NVIDIA H200: 62-87 ms per call of one row (the slowest of "
+             "bench/results/h200_1024_*batch1*.log; launch-bound, so 768x768 costs the same); per image an "
+             "allowance for the VAE decode and the PNG, not measured")
+SMALL_COST = GPUCost(  # the embedded and tiny models: a CPU figure, an upper bound for any GPU
+    unet_seconds=0.07, reference_pixels=64 * 64, image_seconds=0.05,
+    measured="one CPU thread of a 2-core x86 box: tiny 54-69 ms, embedded 12-15 ms per evaluation")
+
+
 @dataclass(frozen=True)
 class ModelProfile:
     """What the demo shows for a model: its size menu, default steps and CFG scale, example prompts
-    (None: the demo's own) and banner."""
+    (None: the demo's own) and banner; and what it costs on a GPU."""
 
     sizes: list
     steps: int
     guidance_scale: float = 1.0
     prompts: tuple | None = None
     banner: str | None = None
+    gpu_cost: GPUCost = SDXL_COST
 
 
 PROFILES = {
-    "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER),
+    "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER, gpu_cost=SMALL_COST),
     # It follows prompts only with CFG (README: The embedded model); it was trained at one size.
     "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS, guidance_scale=5.0,
-                             prompts=embedded.PROMPTS[::7], banner=EMBEDDED_BANNER),
+                             prompts=embedded.PROMPTS[::7], banner=EMBEDDED_BANNER, gpu_cost=SMALL_COST),
 }
 SDXL_PROFILE = ModelProfile(SDXL_SIZES, 25)
 
@@ -822,6 +834,26 @@ class Studio:
                            "rows": {"axis": row_axis, "values": list(row_values) if row_axis else []}}}
         sweep.path = self._save(grid, settings, "sweep", extra)
         return sweep, control
+
+    # ---- what a request asks of the GPU (ZeroGPU durations) -----------------------------------------
+
+    def gpu_seconds(self, kind: str, settings: Settings, sigmas: Sequence = (), row_axis: str | None = None,
+                    row_values: Sequence = ()) -> int:
+        """The ZeroGPU duration of request ``kind`` ("generate", "compare" or "sweep", with the sweep's
+        arguments) from its work and this model's measured cost; ValueError if it could never fit a quota."""
+        s = settings
+        if kind == "generate":
+            work = Work(s.steps, s.width, s.height, 1,
+                        evaluations_per_step(s.guidance_scale, s.seg_scale, s.pag_scale, s.sag_scale))
+        elif kind == "compare":  # vanilla, then SAG, PAG and SEG with one extra evaluation each
+            work = Work(s.steps, s.width, s.height, 4, 4 * evaluations_per_step(s.guidance_scale) + 3)
+        elif kind == "sweep":
+            images = len(sigmas) * max(1, len(row_values) if row_axis not in (None, "", "none") else 1)
+            guidance = max([s.guidance_scale] + [float(v) for v in row_values if row_axis == "guidance_scale"])
+            work = Work(s.steps, s.width, s.height, images, images * evaluations_per_step(guidance, 1.0))
+        else:
+            raise ValueError(f"kind must be 'generate', 'compare' or 'sweep', got {kind!r}")
+        return gpu_duration(self.profile.gpu_cost, work)
 
     # ---- internals --------------------------------------------------------------------------------
 

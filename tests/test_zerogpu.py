@@ -130,3 +130,38 @@ def test_a_cancelled_request_does_not_break_the_next_one(zerogpu, plain):
     path, _ = client.predict(prompt="after", seed=9, steps=2, api_name="/generate")
     run, _ = plain.generate(plain.settings(prompt="after", seed=9, steps=2))
     assert np.array_equal(pixels(path), pixels(run.path))
+
+
+def test_durations_follow_the_work_and_what_never_fits_is_refused_before_scheduling(zerogpu, plain):
+    from gradio_client.exceptions import AppError
+
+    client, log, _ = zerogpu
+    asked = {r["task"]: r["duration"] for r in records(log, "schedule")}  # the last one of each handler
+    assert all(isinstance(seconds, int) and seconds > 0 for seconds in asked.values()), asked
+    settings = plain.settings(prompt="", seed=0, steps=4)
+    assert plain.gpu_seconds("generate", settings) < plain.gpu_seconds("generate", plain.settings(steps=150))
+    assert plain.gpu_seconds("generate", settings) < plain.gpu_seconds("compare", settings)
+    assert (plain.gpu_seconds("sweep", settings, [1, 4], "seg_scale", [1, 3])
+            > plain.gpu_seconds("sweep", settings, [1, 4]))
+
+    scheduled = len(records(log, "schedule"))
+    with pytest.raises(AppError, match=r"needs about \d+ s of GPU time \(150 steps x 64 images at 64x64"):
+        client.predict(prompt="", seed=0, steps=150, seg_blur_sigmas=", ".join(map(str, range(1, 9))),
+                       second_axis="seg_scale", second_axis_values="1, 2, 3, 4, 5, 6, 7, 8", api_name="/sweep")
+    assert len(records(log, "schedule")) == scheduled  # refused before a worker was asked for
+
+
+def test_sdxl_durations_fit_a_logged_out_visitor_at_the_defaults(plain, monkeypatch):
+    from seg_core.studio import SDXL_PROFILE, Studio
+    from seg_core.zerogpu import DURATION_FACTOR, QUOTA_SECONDS
+
+    monkeypatch.setattr(Studio, "profile", property(lambda self: SDXL_PROFILE))
+    settings = plain.settings(prompt="a jellyfish", width=1024, height=1024, steps=25)
+    quota = QUOTA_SECONDS["logged out"]
+    for kind, axes in (("generate", ()), ("compare", ()), ("sweep", ([1, 4, 16, 64, math.inf],))):
+        assert plain.gpu_seconds(kind, settings, *axes) * DURATION_FACTOR <= quota, kind
+    cfg = plain.settings(prompt="a jellyfish", width=1024, height=1024, steps=25, guidance_scale=5.0)
+    assert plain.gpu_seconds("compare", cfg) * DURATION_FACTOR <= quota
+    with pytest.raises(ValueError, match=r"at most 200 s .* Use fewer steps"):
+        plain.gpu_seconds("sweep", plain.settings(width=1024, height=1024, steps=100), [1, 2, 4, 8, 16, math.inf],
+                          "guidance_scale", [3, 5, 7])
