@@ -30,16 +30,15 @@ from gradio.context import LocalContext
 from gradio_client.utils import is_http_url_like
 
 from seg_core.studio import (
-    CONTROL_TYPES,
     GenerationCancelled,
     Limits,
     Settings,
     Studio,
-    depth_available,
     format_sigma,
     parse_sigma,
     parse_values,
 )
+from seg_core.presets import model_for_hardware
 from seg_core.zerogpu import GPU, in_gpu_worker
 
 logger = logging.getLogger("seg_app")
@@ -58,16 +57,17 @@ EXAMPLES = [
     ["", "", 1.0],
 ]
 
-# Small results (the tiny model's 64 px) fill their frame with visible pixels. Sent through gr.HTML so that
-# build_demo() is complete without launch(css=...).
-STYLE = """<style>
+# Small results (the embedded model's 32 px, tiny's 64 px) fill their frame with visible pixels; SDXL's are
+# shown as they are. Sent through gr.HTML so that build_demo() is complete without launch(css=...).
+PIXELATED_STYLE = """<style>
 #result img, #compare-slider img, #control-map img { image-rendering: pixelated; width: 100%; height: 100%;
   object-fit: contain; }
 #compare-gallery img { image-rendering: pixelated; }
 </style>"""
 
-BANNER_STYLE = ("border: 2px solid #e0a800; background: #fff8e1; color: #5d4300; border-radius: 8px; "
-                "padding: 8px 14px; line-height: 1.45")
+# Amber border, a translucent amber wash and the theme's own text colour: readable on light and dark themes.
+BANNER_STYLE = ("border: 2px solid #e0a800; background: rgba(224, 168, 0, 0.14); color: inherit; "
+                "border-radius: 8px; padding: 8px 14px; line-height: 1.45")
 
 
 def banner_html(markdown: str) -> str:
@@ -189,8 +189,9 @@ def run_table(runs) -> str:
 
 def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | None = None,
                limits: Limits | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
-    """The demo on ``model`` ("sdxl", "embedded", "tiny", a Hub id or a folder); when it cannot be loaded,
-    the embedded model (or tiny, without its weights) with a banner.
+    """The demo on ``model`` ("auto": SDXL with a GPU, else the embedded model; "sdxl", "embedded", "tiny",
+    a Hub id or a folder); when it cannot be loaded, the embedded model (or tiny, without its weights) with a
+    banner. Every model a request can use is loaded here, before ``launch()``.
 
     ``limits`` (seg_core.studio.Limits) bound every request; ``queue_size`` requests may wait, more are
     refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload size limit.
@@ -198,10 +199,15 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     """
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
-    studio = studio or Studio(model, device=device, limits=limits)
+    notice = None
+    if studio is None and model == "auto":
+        model, notice = model_for_hardware()
+        if notice:
+            logger.warning(re.sub(r"[*`]", "", notice))
+    studio = (studio or Studio(model, device=device, limits=limits, notice=notice)).preload()  # before launch()
     limits = studio.limits
     sizes = [(f"{w}×{h}", f"{w}x{h}") for w, h in studio.size_presets]
-    control_choices = [c for c in CONTROL_TYPES if c != "depth" or depth_available()]
+    control_choices = studio.control_types
     control_examples = sorted(str(p) for p in ASSETS.glob("control_*.png"))
 
     def ui_settings(values: dict):
@@ -393,7 +399,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         )
         banner = studio.banner
         gr.HTML(banner_html(banner) if banner else "", visible=bool(banner), elem_id="model-banner")
-        gr.HTML(STYLE, visible="hidden")
+        if max(studio.size_presets[0]) < 256:
+            gr.HTML(PIXELATED_STYLE, visible="hidden")
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
@@ -573,8 +580,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Gradio demo of Smoothed Energy Guidance for SDXL.")
-    parser.add_argument("--model", default="sdxl",
-                        help="'sdxl' (SDXL base 1.0, default), 'embedded' (the small trained offline model), "
+    parser.add_argument("--model", default="auto",
+                        help="'auto' (default: 'sdxl' with a GPU, else 'embedded'), 'sdxl' (SDXL base 1.0; "
+                             "forces it on a CPU too), 'embedded' (the small trained offline model), "
                              "'tiny' (offline random weights), "
                              "or any SDXL Hub id / local folder")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -607,7 +615,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     demo = build_demo(args.model, device=args.device, limits=limits, queue_size=args.queue_size)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **demo.launch_options)
+    # share=None, not False: without --share, $GRADIO_SHARE decides (Gradio ignores share on a Space)
+    demo.launch(server_name=args.host, server_port=args.port, share=True if args.share else None,
+                **demo.launch_options)
 
 
 def _env(name: str, kind, default):

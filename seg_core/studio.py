@@ -37,7 +37,8 @@ from .compare import side_by_side
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
 from . import embedded
 from .zerogpu import GPU, GPUCost, Work, evaluations_per_step, gpu_duration  # noqa: F401 (GPU re-exported)
-from .presets import DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_pipeline, preprocess_control, with_controlnet
+from .presets import (DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_depth_estimator, load_pipeline, preprocess_control,
+                      with_controlnet)
 
 logger = logging.getLogger(__name__)
 
@@ -546,15 +547,18 @@ class Studio:
             ``tiny`` where its weights are missing); None to raise instead.
         output_dir: where PNG files are written (default: a new temporary folder).
         limits: what one request may ask for (:class:`Limits`).
+        notice: Markdown shown first in the banner (e.g. why this model was chosen).
     """
 
     def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = DEFAULT_FALLBACK,
-                 output_dir: str | None = None, limits: Limits | None = None):
+                 output_dir: str | None = None, limits: Limits | None = None, notice: str | None = None):
         self.requested_model = model
+        self.notice = notice
         self.limits = limits or Limits()
         self.device = device
         self.load_error: str | None = None
         self._pipes: dict[str | None, StableDiffusionXLSEGPipeline] = {}
+        self.unavailable: dict[str, str] = {}  # control type -> why it cannot be loaded here
         self._load_lock = threading.Lock()
         self.output_dir = output_dir or tempfile.mkdtemp(prefix="seg-studio-")
         os.makedirs(self.output_dir, exist_ok=True)
@@ -590,7 +594,7 @@ class Studio:
     @property
     def banner(self) -> str | None:
         """Markdown explaining a fallback and/or an offline model; None for a real model loaded as asked."""
-        lines = []
+        lines = [self.notice] if self.notice else []
         if self.load_error:
             lines.append(f"**Could not load `{self.requested_model}`** ({self.load_error}). "
                          f"Started on the `{self.model}` model instead.")
@@ -616,6 +620,8 @@ class Studio:
         """The pipeline for ``control_type`` ("none", "canny", "depth"), loaded once and cached."""
         if control_type not in CONTROL_TYPES:
             raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {control_type!r}")
+        if control_type in self.unavailable:
+            raise RuntimeError(self.unavailable[control_type])
         pipe = self._pipes.get(control_type)
         if pipe is not None:  # loaded: no lock (a ZeroGPU worker's copy of the lock may be held forever)
             return pipe
@@ -623,6 +629,29 @@ class Studio:
             if control_type not in self._pipes:
                 self._pipes[control_type] = self._load(control_type)
             return self._pipes[control_type]
+
+    def preload(self) -> "Studio":
+        """Load (and move to the device) every model a request can use, ControlNets and the depth estimator
+        included, so that none loads inside a request: on ZeroGPU a GPU worker would load it again in every
+        new worker, inside the visitor's GPU time. What cannot be loaded is recorded in ``unavailable``
+        (and left out of ``control_types``); a request for it gets that reason."""
+        for control_type in CONTROL_TYPES[1:]:
+            try:
+                if control_type == "depth":
+                    if not depth_available():
+                        raise RuntimeError(f"depth needs its estimator's weights ({DEPTH_ESTIMATOR}), "
+                                           "not available here (offline and not cached)")
+                    load_depth_estimator()
+                self.pipeline(control_type)
+            except RuntimeError as error:
+                logger.warning("ControlNet %r unavailable: %s", control_type, error)
+                self.unavailable[control_type] = str(error)
+        return self
+
+    @property
+    def control_types(self) -> list[str]:
+        """The control types a request may use here ("none" first)."""
+        return [c for c in CONTROL_TYPES if c not in self.unavailable]
 
     def _load(self, control_type: str) -> StableDiffusionXLSEGPipeline:
         if control_type == "none":
