@@ -39,23 +39,14 @@ from seg_core.studio import (
     parse_values,
 )
 from seg_core.presets import model_for_hardware
+from seg_core.space import ABOUT, CITATION, LICENSE_NOTE, PAPER_URL, duplicate_hint, example_rows, rendered_examples
 from seg_core.zerogpu import GPU, in_gpu_worker
 
 logger = logging.getLogger("seg_app")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-PAPER_URL = "https://arxiv.org/abs/2408.00760"
 QUEUE_SIZE = 16  # requests waiting; more are refused with "queue is full"
 SWEEP_AXES = {"none": "none", "SEG scale": "seg_scale", "CFG scale": "guidance_scale"}
-
-# Prompts in the spirit of the paper's figures; the empty one is unconditional generation (Table 1).
-EXAMPLES = [
-    ["a jellyfish playing the drums", "", 1.0],
-    ["a corgi wearing a red scarf, sitting in a snowy forest", "", 1.0],
-    ["a vintage car parked in front of a small cottage, golden hour", "", 1.0],
-    ["a bowl of ramen on a wooden table, studio photograph", "blurry, low quality", 5.0],
-    ["", "", 1.0],
-]
 
 # Small results (the embedded model's 32 px, tiny's 64 px) fill their frame with visible pixels; SDXL's are
 # shown as they are. Sent through gr.HTML so that build_demo() is complete without launch(css=...).
@@ -171,6 +162,13 @@ class ControlImage(gr.Image):
         if payload.path is None:
             raise gr.Error("control_image: no file was uploaded", print_exception=False)
         return payload.path
+
+
+def rendered_note(example: dict) -> str:
+    """The caption of an example's results shown before anyone clicks."""
+    what = f"“{example['prompt']}”" if example["prompt"] else "unconditional (no prompt)"
+    return (f"Rendered ahead on this model: {what}, seed **{example['seed']}**, {example['steps']} steps, "
+            f"CFG {example['guidance_scale']:g}. Run your own with the button above.")
 
 
 def progress_reporter(progress: gr.Progress):
@@ -399,12 +397,19 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         )
         banner = studio.banner
         gr.HTML(banner_html(banner) if banner else "", visible=bool(banner), elem_id="model-banner")
+        space_id = os.environ.get("SPACE_ID")  # set on a Hugging Face Space
+        if space_id:
+            with gr.Row(equal_height=True):
+                gr.Markdown(duplicate_hint(space_id), elem_id="duplicate-hint")
+                gr.DuplicateButton(scale=0, min_width=200)
+        rendered = rendered_examples(studio.model)  # outputs rendered ahead (scripts/render_examples.py)
+        first = rendered[0] if rendered else None
         if max(studio.size_presets[0]) < 256:
             gr.HTML(PIXELATED_STYLE, visible="hidden")
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", max_length=limits.max_prompt_chars,
+                prompt = gr.Textbox(first and first["prompt"], label="Prompt", lines=2, elem_id="prompt", max_length=limits.max_prompt_chars,
                                     placeholder="Leave empty for unconditional generation, as in the paper")
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
                                              max_length=limits.max_prompt_chars)
@@ -461,19 +466,20 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate"):
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
-                        result = gr.Image(label="Result (PNG with settings)", type="filepath", format="png",
-                                          interactive=False, height=512, elem_id="result")
-                        result_info = gr.Markdown(elem_id="result-info")
+                        result = gr.Image(first and first["images"][-1][0], label="Result (PNG with settings)",
+                                          type="filepath", format="png", interactive=False, height=512,
+                                          elem_id="result")
+                        result_info = gr.Markdown(first and rendered_note(first), elem_id="result-info")
                     with gr.Tab("Compare", id="compare"):
                         compare_button = gr.Button("Compare vanilla SDXL · SAG · PAG · SEG", variant="primary",
                                                    elem_id="compare-button")
                         one_loop = gr.Checkbox(studio.pipeline().device.type == "cuda", elem_id="one-loop",
                                                label="All four in one loop (the same images; faster on a GPU, "
                                                      "but one time for all four)")
-                        gallery = gr.Gallery(label="Same seed, same settings", columns=4, rows=1, type="filepath",
-                                             format="png", object_fit="contain", height=230,
+                        gallery = gr.Gallery(first and first["images"], label="Same seed, same settings", columns=4,
+                                             rows=1, type="filepath", format="png", object_fit="contain", height=230,
                                              elem_id="compare-gallery")
-                        compare_info = gr.Markdown(elem_id="compare-info")
+                        compare_info = gr.Markdown(first and rendered_note(first), elem_id="compare-info")
                         compare_paths = gr.State({})
                         with gr.Row():
                             left = gr.Dropdown([], label="Left", elem_id="slider-left")
@@ -493,11 +499,29 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         grid_file = gr.File(label="Download the grid")
                         sweep_info = gr.Markdown()
 
-        examples = EXAMPLES
-        if studio.profile.prompts:  # a model that knows only its own prompts
-            examples = [[p, "", studio.profile.guidance_scale] for p in studio.profile.prompts] + [["", "", 1.0]]
-        gr.Examples(examples, inputs=[prompt, negative_prompt, guidance_scale], cache_examples=False,
-                    label="Examples (the empty prompt is unconditional generation)")
+        if rendered:  # each example with its four results, rendered ahead: clicking shows them at once
+            preview = gr.Image(first["grid"], label="Rendered ahead: vanilla · SAG · PAG · SEG, same seed",
+                               type="filepath", interactive=False, render=False, elem_id="example-preview")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    gr.Examples([[e["prompt"], e["negative_prompt"], e["guidance_scale"], e["seed"], e["steps"],
+                                  e["grid"]] for e in rendered],
+                                inputs=[prompt, negative_prompt, guidance_scale, seed, steps, preview],
+                                example_labels=[e["prompt"] or "(no prompt: unconditional)" for e in rendered],
+                                cache_examples=False, examples_per_page=16, elem_id="examples",
+                                label="Examples with their results (the empty prompt is unconditional generation)")
+                with gr.Column(scale=2):
+                    preview.render()
+        else:
+            gr.Examples([list(row) for row in example_rows(studio.profile.prompts, studio.profile.guidance_scale)],
+                        inputs=[prompt, negative_prompt, guidance_scale], cache_examples=False, elem_id="examples",
+                        label="Examples (the empty prompt is unconditional generation)")
+
+        with gr.Accordion("About SEG, the methods compared, and this demo", open=False, elem_id="about"):
+            gr.Markdown(ABOUT)
+            gr.Code(CITATION, label="Cite (BibTeX): SEG, and PAG and SAG if you compare with them",
+                    interactive=False)
+            gr.Markdown(LICENSE_NOTE)
 
         # ---- events ---------------------------------------------------------------------------------
         common = [prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale, log2_sigma,

@@ -105,3 +105,50 @@ def test_pixelated_rendering_only_for_small_models(monkeypatch):
     assert has_style(build_demo("tiny"))
     monkeypatch.setattr(Studio, "profile", property(lambda self: SDXL_PROFILE))  # SDXL's sizes and steps
     assert not has_style(build_demo(studio=Studio("tiny", fallback=None)))
+
+
+def component(demo, elem_id):
+    return next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == elem_id)
+
+
+def test_the_page_shows_examples_rendered_ahead_about_citation_license_and_duplicate_hint(monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from app import build_demo
+    from seg_core.space import ABOUT, CITATION, rendered_examples
+    from seg_core.studio import read_png_settings
+
+    monkeypatch.setenv("SPACE_ID", "someone/seg-sdxl")
+    demo = build_demo("embedded")
+    rendered = rendered_examples("embedded")
+    assert len(rendered) == 13 and rendered[-1]["prompt"] == ""  # the model's prompts, then unconditional
+    gallery = component(demo, "compare-gallery").value
+    assert [item["caption"].split(" ")[0] for item in gallery] == ["Vanilla", "SAG", "PAG", "SEG"]
+    assert component(demo, "example-preview").value is not None
+    values = [getattr(block, "value", None) for block in demo.blocks.values()]
+    assert ABOUT.strip() in values and CITATION in values and any("MIT-licensed" in str(v) for v in values)
+    assert any("spaces/someone/seg-sdxl?duplicate=true" in str(v) for v in values)
+    assert any(type(block).__name__ == "DuplicateButton" for block in demo.blocks.values())
+
+    # The shipped results are what Compare gives for the same request today (to a rounding step: machines differ).
+    first = rendered[0]
+    for path, label in first["images"]:
+        stored = read_png_settings(path)
+        assert stored["seed"] == first["seed"] and stored["prompt"] == first["prompt"] and stored["model"] == "embedded"
+    studio = demo.studio
+    runs, _ = studio.compare(studio.settings(prompt=first["prompt"], guidance_scale=first["guidance_scale"],
+                                             seed=first["seed"], steps=first["steps"]), None, 1.0, 3.0)
+    for (path, label), run in zip(first["images"], runs, strict=True):
+        assert label == run.label
+        with Image.open(path) as shipped:
+            difference = np.abs(np.asarray(shipped, dtype=int) - np.asarray(run.image, dtype=int))
+        assert difference.max() <= 3, label
+
+
+def test_without_a_space_id_there_is_no_duplicate_button(monkeypatch):
+    from app import build_demo
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    demo = build_demo("tiny")
+    assert not any(type(block).__name__ == "DuplicateButton" for block in demo.blocks.values())
