@@ -53,7 +53,7 @@ SWEEP_AXES = {"none": "none", "SEG scale": "seg_scale", "CFG scale": "guidance_s
 PIXELATED_STYLE = """<style>
 #result img, #compare-slider img, #control-map img { image-rendering: pixelated; width: 100%; height: 100%;
   object-fit: contain; }
-#compare-gallery img { image-rendering: pixelated; }
+#compare-gallery img, #result-images img { image-rendering: pixelated; }
 </style>"""
 
 # Amber border, a translucent amber wash and the theme's own text colour: readable on light and dark themes.
@@ -263,22 +263,26 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
 
     # ---- UI event handlers (private: the API below has library-named arguments) -------------------
 
-    @on_gpu(lambda values: studio.gpu_seconds("generate", ui_settings(values)[0]))
+    @on_gpu(lambda values: studio.gpu_seconds("generate", ui_settings(values)[0], images=int(values["num_images"])))
     @show_errors
     def ui_generate(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                     log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
-                    control_image, controlnet_conditioning_scale, progress=gr.Progress()):
+                    control_image, controlnet_conditioning_scale, num_images=1, progress=gr.Progress()):
         settings, image = ui_settings(locals())
-        run, control = studio.generate(settings, image, progress=progress_reporter(progress),
-                                       should_stop=cancellation_check())
+        runs, control = studio.generate_images(settings, int(num_images), image,
+                                               progress=progress_reporter(progress), should_stop=cancellation_check())
+        run = runs[0]
         info = run.info()
         method = run.settings.method
         if settings.seg_scale > 0:
             method += f" (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})"
-        text = (f"**{method}** · seed **{settings.seed}** · {settings.width}×{settings.height} · "
-                f"{settings.steps} steps · {info['seconds']:.2f} s · **{run.unet_evaluations} UNet evaluations** "
-                f"({info['unet_evaluations_per_step']:g} per step). The PNG carries all settings.")
-        return run.path, settings.seed, text, control
+        seeds = f"seed **{settings.seed}**" if len(runs) == 1 else f"seeds **{settings.seed}**–{runs[-1].settings.seed}"
+        text = (f"**{method}** · {seeds} · {settings.width}×{settings.height} · "
+                f"{settings.steps} steps · {sum(r.seconds for r in runs):.2f} s · "
+                f"**{sum(r.unet_evaluations for r in runs)} UNet evaluations** "
+                f"({info['unet_evaluations_per_step']:g} per step and image). The PNGs carry all settings.")
+        more = gr.update(value=[(r.path, f"seed {r.settings.seed}") for r in runs], visible=len(runs) > 1)
+        return run.path, more, settings.seed, text, control
 
     @on_gpu(lambda values: studio.gpu_seconds("compare", ui_settings(values)[0]))
     @show_errors
@@ -470,6 +474,12 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                           type="filepath", format="png", interactive=False, height=512,
                                           elem_id="result")
                         result_info = gr.Markdown(first and rendered_note(first), elem_id="result-info")
+                        result_images = gr.Gallery(label="All images of the request", columns=4, type="filepath",
+                                                   format="png", object_fit="contain", height=230, visible=False,
+                                                   elem_id="result-images")
+                        num_images = gr.Slider(1, studio.max_images, value=1, step=1, elem_id="num-images",
+                                               label="Images per request (seeds seed, seed + 1, ...)",
+                                               visible=studio.max_images > 1)
                     with gr.Tab("Compare", id="compare"):
                         compare_button = gr.Button("Compare vanilla SDXL · SAG · PAG · SEG", variant="primary",
                                                    elem_id="compare-button")
@@ -528,8 +538,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                   infinite_sigma, applied_layers, guidance_start, guidance_end, control_type, control_image,
                   controlnet_conditioning_scale]
         events = dict(concurrency_limit=1, concurrency_id="generation", api_visibility="private")
-        generate_button.click(ui_generate, common, [result, seed, result_info, control_map], **events)
-        prompt.submit(ui_generate, common, [result, seed, result_info, control_map], **events)
+        generated = [result, result_images, seed, result_info, control_map]
+        generate_button.click(ui_generate, common + [num_images], generated, **events)
+        prompt.submit(ui_generate, common + [num_images], generated, **events)
         compare_button.click(ui_compare, common + [sag_scale, pag_scale, one_loop],
                              [gallery, compare_info, compare_paths, left, right, pair, compare_files, seed,
                               control_map], **events)

@@ -121,10 +121,11 @@ class Limits:
     max_image_side: int = 4096  # control image sides after decoding (and at most max_image_side^2 pixels)
     max_sweep_images: int = 64  # images in one sweep
     max_layer_names: int = 32  # entries in seg_applied_layers
+    max_images: int = 4  # images of one Generate request (seeds seed, seed + 1, ...), where the device allows
 
     def __post_init__(self):
         for name in ("max_pixels", "max_steps", "max_prompt_chars", "max_image_side", "max_sweep_images",
-                     "max_layer_names"):
+                     "max_layer_names", "max_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -732,12 +733,31 @@ class Studio:
         ``should_stop``, polled before the run and after every denoising step, cancels the request
         (:class:`GenerationCancelled`) when it returns True; the model is left as it was.
         """
+        runs, control = self.generate_images(settings, 1, control_image, progress, should_stop)
+        return runs[0], control
+
+    @property
+    def max_images(self) -> int:
+        """Images one Generate request may ask for: ``limits.max_images``, but one for SDXL-sized models on a
+        CPU (minutes per step)."""
+        if self.pipeline().device.type == "cpu" and self.model not in OFFLINE_MODELS:
+            return 1
+        return self.limits.max_images
+
+    def generate_images(self, settings: Settings, count: int, control_image: Image.Image | None = None,
+                        progress: Progress | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> tuple[list[Run], Image.Image | None]:
+        """``count`` images from seeds ``settings.seed``, +1, +2, ...: each the image Generate gives for its
+        seed. Returns the runs and the control map used."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.max_images:
+            raise ValueError(f"images must be an integer in [1, {self.max_images}] here, got {count!r}")
         control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
         _stamp_control(settings, control)
-        steps = _StepCounter(settings.steps, progress, should_stop)
+        steps = _StepCounter(settings.steps * count, progress, should_stop)
         with self.lock:
-            run = self._run(settings.method, settings, control, steps)
-        return run, control
+            runs = [self._run(settings.method, dataclasses.replace(settings, seed=(settings.seed + i) % (MAX_SEED + 1)),
+                              control, steps) for i in range(count)]
+        return runs, control
 
     def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float = 1.0,
                 pag_scale: float = 3.0, progress: Progress | None = None,
@@ -867,13 +887,14 @@ class Studio:
     # ---- what a request asks of the GPU (ZeroGPU durations) -----------------------------------------
 
     def gpu_seconds(self, kind: str, settings: Settings, sigmas: Sequence = (), row_axis: str | None = None,
-                    row_values: Sequence = ()) -> int:
-        """The ZeroGPU duration of request ``kind`` ("generate", "compare" or "sweep", with the sweep's
-        arguments) from its work and this model's measured cost; ValueError if it could never fit a quota."""
+                    row_values: Sequence = (), images: int = 1) -> int:
+        """The ZeroGPU duration of request ``kind`` ("generate" with its number of images, "compare", or
+        "sweep" with its axes) from its work and this model's measured cost; ValueError if it could never
+        fit a quota."""
         s = settings
         if kind == "generate":
-            work = Work(s.steps, s.width, s.height, 1,
-                        evaluations_per_step(s.guidance_scale, s.seg_scale, s.pag_scale, s.sag_scale))
+            work = Work(s.steps, s.width, s.height, images,
+                        images * evaluations_per_step(s.guidance_scale, s.seg_scale, s.pag_scale, s.sag_scale))
         elif kind == "compare":  # vanilla, then SAG, PAG and SEG with one extra evaluation each
             work = Work(s.steps, s.width, s.height, 4, 4 * evaluations_per_step(s.guidance_scale) + 3)
         elif kind == "sweep":
