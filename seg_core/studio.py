@@ -717,6 +717,8 @@ class Studio:
             return None
         if control_type not in CONTROL_TYPES:
             raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {control_type!r}")
+        if control_type in self.unavailable:  # never load it here: this may be a GPU worker
+            raise RuntimeError(self.unavailable[control_type])
         if image is None:
             raise ValueError(f"control_type {control_type!r} needs a control_image")
         image = load_control_image(image, self.limits)

@@ -165,3 +165,18 @@ def test_sdxl_durations_fit_a_logged_out_visitor_at_the_defaults(plain, monkeypa
     with pytest.raises(ValueError, match=r"at most 200 s .* Use fewer steps"):
         plain.gpu_seconds("sweep", plain.settings(width=1024, height=1024, steps=100), [1, 2, 4, 8, 16, math.inf],
                           "guidance_scale", [3, 5, 7])
+
+
+def test_an_error_in_the_worker_reaches_the_visitor_and_the_next_request_runs(zerogpu, plain):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    client, log, _ = zerogpu
+    with pytest.raises(AppError, match="depth needs its estimator's weights"):  # raised in the worker
+        client.predict(prompt="x", steps=1, control_type="depth", control_image=handle_file(HOUSE),
+                       api_name="/generate")
+    path, _ = client.predict(prompt="again", seed=10, steps=2, api_name="/generate")
+    run, _ = plain.generate(plain.settings(prompt="again", seed=10, steps=2))
+    assert np.array_equal(pixels(path), pixels(run.path))
+    workers = [r["worker_pid"] for r in records(log, "schedule") if r["task"] == "generate"]
+    assert workers[-1] != workers[-2]  # as spaces does, a failed worker is not reused: a new one was forked
