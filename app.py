@@ -276,7 +276,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         method = run.settings.method
         if settings.seg_scale > 0:
             method += f" (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})"
-        seeds = f"seed **{settings.seed}**" if len(runs) == 1 else f"seeds **{settings.seed}**–{runs[-1].settings.seed}"
+        seeds = (f"seed **{settings.seed}**" if len(runs) == 1
+                 else f"seeds **{settings.seed}**–{runs[-1].settings.seed}")
         text = (f"**{method}** · {seeds} · {settings.width}×{settings.height} · "
                 f"{settings.steps} steps · {sum(r.seconds for r in runs):.2f} s · "
                 f"**{sum(r.unet_evaluations for r in runs)} UNet evaluations** "
@@ -413,7 +414,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
-                prompt = gr.Textbox(first and first["prompt"], label="Prompt", lines=2, elem_id="prompt", max_length=limits.max_prompt_chars,
+                prompt = gr.Textbox(first and first["prompt"], label="Prompt", lines=2, elem_id="prompt",
+                                    max_length=limits.max_prompt_chars,
                                     placeholder="Leave empty for unconditional generation, as in the paper")
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
                                              max_length=limits.max_prompt_chars)

@@ -56,7 +56,8 @@ def sdxl_cpu_estimate(rounds: int) -> dict:
     seconds = statistics.median(times) * SDXL_UNET_GFLOP / gflop
     return {"mid_block_gflop": round(gflop, 1), "mid_block_seconds": round(statistics.median(times), 3),
             "sdxl_evaluation_seconds": round(seconds, 2),
-            "sdxl_compare_hours": {f"cfg {w:g}": round(n * seconds / 3600, 2) for w, n in SDXL_COMPARE_EVALUATIONS.items()}}
+            "sdxl_compare_hours": {f"cfg {w:g}": round(n * seconds / 3600, 2)
+                                   for w, n in SDXL_COMPARE_EVALUATIONS.items()}}
 
 
 def main(argv=None) -> None:
@@ -74,7 +75,8 @@ def main(argv=None) -> None:
     if args.sdxl_cpu_estimate:
         estimate = sdxl_cpu_estimate(args.rounds)
         print(f"SDXL mid block: {estimate['mid_block_gflop']} GFLOP in {estimate['mid_block_seconds']} s on "
-              f"{torch.get_num_threads()} CPU thread(s); one UNet evaluation about {estimate['sdxl_evaluation_seconds']} s; "
+              f"{torch.get_num_threads()} CPU thread(s); "
+              f"one UNet evaluation about {estimate['sdxl_evaluation_seconds']} s; "
               f"a Compare (25 steps, 1024x1024) about {estimate['sdxl_compare_hours']} hours")
         print(json.dumps(estimate))
         return

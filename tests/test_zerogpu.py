@@ -2,8 +2,9 @@
 handler runs in a worker forked from the server on first use and reused afterwards, which sees the server's
 state only as the copy taken at the fork. Each result must equal a plain run of the same request.
 
-The server runs in its own process (tests/zerogpu_server.py, one torch thread) so that the fork happens
-from a process that used torch one way only, as a Space does; the plain runs happen here.
+The server runs in its own process (tests/zerogpu_server.py) with one torch thread, since an OpenMP pool
+used before a fork cannot be used in the child, and so that the fork copies no state of pytest's (other
+tests' servers and threads); the plain runs happen here, in the test process.
 """
 
 import json
