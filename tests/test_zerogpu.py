@@ -10,6 +10,7 @@ tests' servers and threads); the plain runs happen here, in the test process.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,7 +53,7 @@ def zerogpu(tmp_path_factory):
                GRADIO_ANALYTICS_ENABLED="False")
     with open(output, "w") as sink:
         server = subprocess.Popen([sys.executable, os.path.join(HERE, "zerogpu_server.py"), str(port)], env=env,
-                                  stdout=sink, stderr=subprocess.STDOUT)
+                                  stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 180
@@ -67,8 +68,8 @@ def zerogpu(tmp_path_factory):
                     pytest.fail(f"the server did not answer in 180 s:\n{output.read_text()[-3000:]}")
                 time.sleep(0.5)
         yield Client(url, verbose=False), log, server.pid
-    finally:
-        server.terminate()
+    finally:  # the server and the workers it forked: one process group
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(20)
 
 

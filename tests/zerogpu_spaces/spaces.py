@@ -20,6 +20,8 @@ import functools
 import json
 import multiprocessing
 import os
+import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
@@ -109,10 +111,18 @@ def _forward(results, method: str):
     return forwarded
 
 
+def _exit_with_server(server_pid: int) -> None:
+    """End this worker when its server process ends (spaces' workers are daemons of the server too)."""
+    while os.getppid() == server_pid:
+        time.sleep(0.5)
+    os._exit(0)
+
+
 def _serve(task, calls, results) -> None:
     """The worker's loop: one call at a time, each in a new thread with the event id and progress applied."""
     global forked
     forked = True
+    threading.Thread(target=_exit_with_server, args=(os.getppid(),), daemon=True).start()
     for method in FORWARDED_QUEUE_METHODS:
         setattr(Queue, method, _forward(results, method))
     TrackedIterable.__reduce__ = _tracked_iterable_reduce
