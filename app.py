@@ -479,7 +479,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         result_images = gr.Gallery(label="All images of the request", columns=4, type="filepath",
                                                    format="png", object_fit="contain", height=230, visible=False,
                                                    elem_id="result-images")
-                        num_images = gr.Slider(1, studio.max_images, value=1, step=1, elem_id="num-images",
+                        num_images = gr.Slider(1, max(2, studio.max_images), value=1, step=1, elem_id="num-images",
                                                label="Images per request (seeds seed, seed + 1, ...)",
                                                visible=studio.max_images > 1)
                     with gr.Tab("Compare", id="compare"):

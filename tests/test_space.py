@@ -152,3 +152,14 @@ def test_without_a_space_id_there_is_no_duplicate_button(monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
     demo = build_demo("tiny")
     assert not any(type(block).__name__ == "DuplicateButton" for block in demo.blocks.values())
+
+
+def test_one_image_per_request_for_sdxl_on_a_cpu(monkeypatch):
+    from app import build_demo
+    from seg_core.studio import Studio
+
+    studio = Studio("tiny", fallback=None)
+    studio.model = "stabilityai/stable-diffusion-xl-base-1.0"  # an SDXL-sized model, here on a CPU
+    assert studio.max_images == 1
+    demo = build_demo(studio=studio)
+    assert component(demo, "num-images").visible is False
