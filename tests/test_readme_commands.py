@@ -208,3 +208,21 @@ def test_everything_the_code_imports_is_installed_by_the_requirements():
             if not dists & installed:
                 missing.setdefault(module, []).append(path.name)
     assert not missing, f"imported but installed by no requirement in requirements.txt: {missing}"
+
+
+def test_render_examples_script_writes_what_the_app_reads(monkeypatch, tmp_path):
+    assert ["[--model", "M]"] in readme_commands("scripts/render_examples.py")  # `... [--model M]`
+    out = tmp_path / "examples"
+    run_script(monkeypatch, "scripts/render_examples.py", "--model", "tiny", "--out", str(out), "--threads", "1")
+    entries = json.loads((out / "examples.json").read_text())
+    assert entries and all((out / entry["grid"]).exists() for entry in entries)
+    assert all(len(entry["images"]) == 4 and all((out / name).exists() for name, _ in entry["images"])
+               for entry in entries)
+
+
+def test_compare_cost_bench_prints_its_summary(monkeypatch, capsys):
+    # (its --sdxl-cpu-estimate mode times SDXL's full-size mid block, half a minute of CPU: not run here)
+    assert ["--model", "embedded", "--threads", "1"] in readme_commands("bench/compare_cost.py")
+    run_script(monkeypatch, "bench/compare_cost.py", "--model", "tiny", "--rounds", "1", "--threads", "1")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["compare_seconds"] > 0 and summary["unet_evaluations"] > 0
