@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    ControlNetUnionModel,
+    MultiControlNetModel,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
@@ -62,10 +70,15 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
     r"""Stable Diffusion XL with Smoothed Energy Guidance (Hong, NeurIPS 2024), PAG and SAG.
 
     Built from the standard SDXL components (loadable with ``from_pretrained`` / ``from_pipe``), plus an
-    optional ``controlnet`` (a [`ControlNetModel`]). ``__call__`` takes every argument of
+    optional ``controlnet``: a [`ControlNetModel`], several of them (a list or a [`MultiControlNetModel`]),
+    or a [`ControlNetUnionModel`] (one net, several control modes). ``__call__`` takes every argument of
     [`StableDiffusionXLPipeline.__call__`]; with a ControlNet also those of
     [`StableDiffusionXLControlNetPipeline.__call__`] (``image``, ``controlnet_conditioning_scale``,
-    ``guess_mode``, ``control_guidance_start``, ``control_guidance_end``).  Guidance terms add up:
+    ``guess_mode``, ``control_guidance_start``, ``control_guidance_end``, per control with several) and,
+    with the union model, ``control_mode`` as in [`StableDiffusionXLControlNetUnionPipeline`]. The
+    ControlNet is never patched: its residuals are computed once per role (conditional, unconditional) and
+    added to every branch of that role, so SEG, PAG and SAG see the control exactly as the plain
+    branches do.  Guidance terms add up:
 
         eps = eps_u + w (eps_c - eps_u) + s_seg (eps_c - eps_seg) + s_pag (eps_c - eps_pag)
               + s_sag (eps_u - eps_sag)
@@ -87,7 +100,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         scheduler: KarrasDiffusionSchedulers,
         image_encoder: CLIPVisionModelWithProjection | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
-        controlnet: ControlNetModel | None = None,
+        controlnet: ControlNetModel | MultiControlNetModel | ControlNetUnionModel | list | None = None,
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,
     ):
@@ -96,8 +109,15 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
             image_encoder=image_encoder, feature_extractor=feature_extractor,
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
         )
-        if controlnet is not None and not isinstance(controlnet, ControlNetModel):
-            raise ValueError(f"controlnet must be a diffusers ControlNetModel, got {type(controlnet).__name__}")
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(controlnet)
+        if isinstance(controlnet, MultiControlNetModel):
+            bad = [type(net).__name__ for net in controlnet.nets if not isinstance(net, ControlNetModel)]
+            if bad or not controlnet.nets:
+                raise ValueError(f"a MultiControlNetModel must hold one or more ControlNetModels, got {bad or 'none'}")
+        elif controlnet is not None and not isinstance(controlnet, (ControlNetModel, ControlNetUnionModel)):
+            raise ValueError("controlnet must be a diffusers ControlNetModel, MultiControlNetModel, "
+                             f"ControlNetUnionModel or a list of ControlNetModels, got {type(controlnet).__name__}")
         self.register_modules(controlnet=controlnet)
         #: Run the down blocks once for branches identical there (exact; see seg_core.sharing).
         self.share_down_blocks = True
@@ -147,12 +167,46 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                                  f"{len(items)} x {num_images_per_prompt}")
         if self.controlnet is None and image is not None:
             raise ValueError("a control `image` was given, but this pipeline has no `controlnet` component")
-        if self.controlnet is not None:
-            if image is None:
-                raise ValueError("this pipeline has a ControlNet: pass the control `image`")
-            _check_control_image(image)
-            check_scale("controlnet_conditioning_scale", controlnet_conditioning_scale, 10.0)
-            check_interval(control_guidance_start, control_guidance_end, "control_guidance")
+        if self.controlnet is not None and image is None:
+            raise ValueError("this pipeline has a ControlNet: pass the control `image`")
+
+    def _controls(self, image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                  control_mode) -> "Controls":
+        """The control inputs as one entry per control (one per net of a MultiControlNetModel, one per mode
+        of a ControlNetUnionModel), checked; a single value of a per-control argument applies to all."""
+        net = self.controlnet
+        union = isinstance(net, ControlNetUnionModel)
+        if not union and control_mode is not None:
+            raise ValueError(f"control_mode is for a ControlNetUnionModel; this pipeline's controlnet is "
+                             f"{type(net).__name__}, got control_mode={control_mode!r}")
+        if union:
+            modes = control_mode if isinstance(control_mode, list) else [control_mode]
+            allowed = net.config.num_control_type
+            if not modes or not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < allowed for m in modes):
+                raise ValueError(f"control_mode must be an integer in [0, {allowed - 1}] or a list of them (one per "
+                                 f"control image), got {control_mode!r}")
+            count = len(modes)
+        else:
+            modes = None
+            count = len(net.nets) if isinstance(net, MultiControlNetModel) else 1
+        if isinstance(net, ControlNetModel):
+            images = [image]  # (a list is a batch, as in diffusers)
+        else:  # one image per control; the union model also takes a single one bare, as in diffusers
+            images = [image] if union and not isinstance(image, list) else image
+            if not isinstance(images, list) or len(images) != count:
+                raise ValueError(f"image must be a list of {count} control images (one per control), got "
+                                 f"{_short_repr(image)}")
+        controls = Controls(
+            images=images, modes=modes,
+            scales=_per_control("controlnet_conditioning_scale", controlnet_conditioning_scale, count),
+            starts=_per_control("control_guidance_start", control_guidance_start, count),
+            ends=_per_control("control_guidance_end", control_guidance_end, count),
+        )
+        for k in range(count):
+            _check_control_image(controls.images[k])
+            check_scale("controlnet_conditioning_scale", controls.scales[k], 10.0)
+            check_interval(controls.starts[k], controls.ends[k], "control_guidance")
+        return controls
 
     @torch.no_grad()
     def __call__(
@@ -193,10 +247,11 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         # ControlNet
         image=None,
-        controlnet_conditioning_scale: float = 1.0,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
         guess_mode: bool = False,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        control_mode: int | list[int] | None = None,
         # Guidance
         seg_scale: float = 3.0,
         seg_blur_sigma: float = math.inf,
@@ -216,12 +271,17 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         r"""Generate images. Arguments not listed here are those of `StableDiffusionXLPipeline.__call__`.
 
         Args:
-            image (`PipelineImageInput`, *optional*): the control image; required when the pipeline has a
-                `controlnet`, refused otherwise.
-            controlnet_conditioning_scale (`float`, defaults to 1.0): ControlNet residual scale, in [0, 10].
+            image (`PipelineImageInput` or `list`, *optional*): the control image; required when the pipeline
+                has a `controlnet`, refused otherwise. With several controls (a MultiControlNetModel, or a
+                union model given a list of modes) a list with one image per control.
+            controlnet_conditioning_scale (`float` or `list[float]`, defaults to 1.0): ControlNet residual
+                scale, in [0, 10]; a list gives one per control.
             guess_mode (`bool`, defaults to False): ControlNet guess mode, as in diffusers.
-            control_guidance_start / control_guidance_end (`float`, defaults to 0.0 / 1.0): the fraction of
-                steps in which the ControlNet is applied.
+            control_guidance_start / control_guidance_end (`float` or `list[float]`, defaults to 0.0 / 1.0):
+                the fraction of steps in which the ControlNet (each control, given lists) is applied.
+            control_mode (`int` or `list[int]`, *optional*): with a ControlNetUnionModel, the control type of
+                each control image (for xinsir's union model: 0 openpose, 1 depth, 2 hed/pidi/scribble/ted,
+                3 canny/lineart/anime_lineart/mlsd, 4 normal, 5 segment, 6 tile, 7 repaint); required there.
             seg_scale (`float`, defaults to 3.0): SEG scale `s` of Eq. 10, in [0, 100]; 0 turns SEG off.
             seg_blur_sigma (`float`, defaults to `math.inf`): standard deviation of the query blur in tokens;
                 any value > 9999 (or `math.inf`) means infinite (every query the mean query); 0 no blur.
@@ -254,6 +314,12 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                                   ("negative_prompt_2", negative_prompt_2)),
                          num_images_per_prompt=num_images_per_prompt, eta=eta, denoising_end=denoising_end,
                          clip_skip=clip_skip, timesteps=timesteps, sigmas=sigmas)
+        controls = None
+        if self.controlnet is not None:
+            controls = self._controls(image, controlnet_conditioning_scale, control_guidance_start,
+                                      control_guidance_end, control_mode)
+        elif control_mode is not None:
+            raise ValueError(f"control_mode was given ({control_mode!r}), but this pipeline has no `controlnet`")
         if guidance_methods is None:
             guidance_methods = build_guidance_methods(
                 seg_scale, seg_blur_sigma, seg_applied_layers, seg_blur_target, seg_blur_kernel,
@@ -291,13 +357,15 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         rows = batch_size * num_images_per_prompt
         device = self._execution_device
 
-        control_image, guess = None, False
+        control_images, guess = [], False
         if controlnet is not None:
-            guess = guess_mode or controlnet.config.global_pool_conditions
-            control_image = self.prepare_control_image(
-                image, width, height, rows, num_images_per_prompt, device, controlnet.dtype
-            )
-            height, width = control_image.shape[-2:]
+            first = controlnet.nets[0] if isinstance(controlnet, MultiControlNetModel) else controlnet
+            guess = guess_mode or first.config.global_pool_conditions
+            control_images = [
+                self.prepare_control_image(item, width, height, rows, num_images_per_prompt, device, controlnet.dtype)
+                for item in controls.images
+            ]
+            height, width = control_images[0].shape[-2:]
         original_size = original_size_given or (height, width)
         target_size = target_size or (height, width)
 
@@ -378,11 +446,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                 guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=latents.dtype)
 
-        controlnet_keep = [
-            1.0 - float(i / len(timesteps) < control_guidance_start or (i + 1) / len(timesteps) > control_guidance_end)
-            for i in range(len(timesteps))
-        ]
-        control_scale = 0.0
+        control_scales: list[float] = []  # this step's scale of each control (0 outside its window)
 
         def model(x: torch.Tensor, t, branches: Sequence[Branch]) -> torch.Tensor:
             """One UNet call (with ControlNet residuals) on ``branches`` (see seg_core.methods.ModelFn)."""
@@ -404,8 +468,8 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                 down, mid = controlnet(
                     torch.cat([x] * len(control_roles)), t,
                     encoder_hidden_states=torch.cat([conditioning[r]["prompt_embeds"] for r in control_roles]),
-                    controlnet_cond=torch.cat([control_image] * len(control_roles)),
-                    conditioning_scale=control_scale,
+                    **_controlnet_inputs(controlnet, control_images, control_scales, controls.modes,
+                                         len(control_roles), prompt_embeds.dtype),
                     guess_mode=guess,
                     added_cond_kwargs={
                         k: torch.cat([conditioning[r][k] for r in control_roles]) for k in ("text_embeds", "time_ids")
@@ -438,7 +502,8 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                control_scale = controlnet_conditioning_scale * controlnet_keep[i]
+                if controls is not None:
+                    control_scales = controls.scales_at(i, len(timesteps))
                 x = self.scheduler.scale_model_input(latents, t)
                 do_cfg = self.do_classifier_free_guidance
                 missing = sorted(conditioning["cond"].keys() - conditioning.get("uncond", {}).keys()) if do_cfg else []
@@ -517,6 +582,46 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         if self.watermark is not None:
             image = self.watermark.apply_watermark(image)
         return self.image_processor.postprocess(image, output_type=output_type)
+
+
+@dataclass
+class Controls:
+    """One entry per control: its image, conditioning scale, guidance window and (union model) mode."""
+
+    images: list
+    scales: list[float]
+    starts: list[float]
+    ends: list[float]
+    modes: list[int] | None = None
+
+    def scales_at(self, step: int, steps: int) -> list[float]:
+        """Each control's scale at ``step`` of ``steps``: 0 outside its window (diffusers' rule)."""
+        return [scale * (1.0 - float(step / steps < start or (step + 1) / steps > end))
+                for scale, start, end in zip(self.scales, self.starts, self.ends)]
+
+
+def _per_control(name: str, value, count: int) -> list:
+    """``value`` as a list of ``count``: a single value applies to every control."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"{name} must be one value or a list of one per control ({count}), got {list(value)!r}")
+    return list(value)
+
+
+def _controlnet_inputs(controlnet, images, scales, modes, copies: int, dtype) -> dict:
+    """The control arguments of one ControlNet call on ``copies`` stacked copies of the latents, laid out
+    as diffusers' SDXL ControlNet pipelines pass them to each kind of ControlNet."""
+    conds = [torch.cat([image] * copies) for image in images]
+    if isinstance(controlnet, ControlNetModel):
+        return {"controlnet_cond": conds[0], "conditioning_scale": scales[0]}
+    inputs = {"controlnet_cond": conds, "conditioning_scale": scales}
+    if isinstance(controlnet, ControlNetUnionModel):
+        control_type = torch.zeros(controlnet.config.num_control_type).scatter_(0, torch.tensor(modes), 1)
+        rows = conds[0].shape[0]
+        inputs["control_type"] = control_type.reshape(1, -1).to(conds[0].device, dtype=dtype).repeat(rows, 1)
+        inputs["control_type_idx"] = modes
+    return inputs
 
 
 def _rows_by_branch(tensor: torch.Tensor, computed: Sequence[str], branches: Sequence[Branch]) -> torch.Tensor:

@@ -7,7 +7,7 @@ conditioning, the VAE, ControlNet) runs in a fraction of a second on a CPU, dete
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, ControlNetUnionModel, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_SIZE = 64  # pixels; the tiny VAE downsamples 2x, so the latent is 32x32 and the mid grid 16x16
@@ -87,4 +87,28 @@ def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetMode
         for name, param in controlnet.named_parameters():
             if "zero_conv" in name or "controlnet_mid_block" in name or "conv_out" in name:
                 torch.nn.init.normal_(param, std=0.05)
+    return controlnet.eval()
+
+
+def _unzero_outputs(controlnet):
+    """Make a fresh ControlNet's zero-initialised outputs non-zero, so the control image changes the result."""
+    for name, param in controlnet.named_parameters():
+        if "zero_conv" in name or "controlnet_mid_block" in name or "conv_out" in name or "controlnet_down_blocks" in name \
+                or "spatial_ch_projs" in name:
+            torch.nn.init.normal_(param, std=0.05)
+
+
+def tiny_union_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetUnionModel:
+    """A ControlNet-Union (xinsir's architecture, diffusers' ``ControlNetUnionModel``) for the tiny UNet:
+    its mode transformer is sized to the UNet's first block width, and its outputs are made non-zero."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        copied = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        width = unet.config.block_out_channels[0]
+        config = {k: v for k, v in copied.config.items() if k != "_use_default_values"}  # (else defaults win)
+        config.update(num_trans_channel=width, num_trans_head=4, num_proj_channel=width)
+        controlnet = ControlNetUnionModel.from_config(config)
+        controlnet.load_state_dict({k: v for k, v in copied.state_dict().items()
+                                    if controlnet.state_dict()[k].shape == v.shape}, strict=False)
+        _unzero_outputs(controlnet)
     return controlnet.eval()
