@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
+from .control import CONTROL_TYPES, DEPTH_ESTIMATOR, Detection, control_map, load_depth_estimator  # noqa: F401
 from .embedded import EMBEDDED_DIR
 from .pipeline import StableDiffusionXLSEGPipeline
-from .tiny import tiny_controlnet, tiny_sdxl_components
+from .tiny import tiny_controlnet, tiny_sdxl_components, tiny_union_controlnet
 
 logger = logging.getLogger(__name__)
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
-DEPTH_ESTIMATOR = "Intel/dpt-hybrid-midas"
 
 #: Named models: ``sdxl`` (SDXL base 1.0, the default), ``embedded`` (the small trained model in
 #: assets/embedded, offline) and ``tiny`` (random weights built in code).
@@ -26,11 +26,36 @@ MODELS = {"sdxl": SDXL_BASE, "embedded": str(EMBEDDED_DIR), "tiny": None}
 #: Small offline models: "canny" / "depth" give them a small random (untrained) ControlNet.
 OFFLINE_MODELS = ("embedded", "tiny")
 
-#: ControlNets for SDXL, with the preprocessor each expects.
+#: xinsir's ControlNet-Union ProMax for SDXL (one net, a control mode per map), loaded by
+#: :func:`load_union_controlnet` from its ProMax files.
+UNION = "xinsir/controlnet-union-sdxl-1.0"
+UNION_FILES = ("config_promax.json", "diffusion_pytorch_model_promax.safetensors")
+#: The union model's control modes (its model card; diffusers' ControlNetUnion pipeline docs).
+UNION_MODES = {"openpose": 0, "depth": 1, "softedge": 2, "canny": 3, "lineart": 3}
+
+
+@dataclass(frozen=True)
+class ControlNetChoice:
+    """The SDXL ControlNet that reads one control type: a single-type ControlNet, or the union model
+    with a control ``mode``."""
+
+    repo: str
+    license: str
+    mode: int | None = None
+    fp16_files: bool = False  # the repo has diffusers' fp16 variant files (else the full files, cast)
+
+
+#: The SDXL ControlNet for each control type (seg_core.control.CONTROL_TYPES): single-type models where
+#: they are the usual choice, the union model for soft edges. The union model serves any of them with
+#: ``union=True`` (see :func:`with_controlnet`).
 CONTROLNETS = {
-    "canny": "diffusers/controlnet-canny-sdxl-1.0",
-    "depth": "diffusers/controlnet-depth-sdxl-1.0",
+    "canny": ControlNetChoice("diffusers/controlnet-canny-sdxl-1.0", "openrail++", fp16_files=True),
+    "depth": ControlNetChoice("diffusers/controlnet-depth-sdxl-1.0", "openrail++", fp16_files=True),
+    "lineart": ControlNetChoice("TheMistoAI/MistoLine", "openrail++"),
+    "openpose": ControlNetChoice("xinsir/controlnet-openpose-sdxl-1.0", "apache-2.0"),
+    "softedge": ControlNetChoice(UNION, "apache-2.0", UNION_MODES["softedge"]),
 }
+assert set(CONTROLNETS) == set(CONTROL_TYPES) and set(UNION_MODES) == set(CONTROL_TYPES)
 
 
 def model_for_hardware() -> tuple[str, str | None]:
@@ -56,8 +81,8 @@ HUB_FILES = {
                 *(f"tokenizer/{name}" for name in _TOKENIZER), *(f"tokenizer_2/{name}" for name in _TOKENIZER),
                 "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"],
     SDXL_FP16_VAE: ["config.json", "diffusion_pytorch_model.safetensors"],
-    CONTROLNETS["canny"]: ["config.json", "diffusion_pytorch_model.fp16.safetensors"],
-    CONTROLNETS["depth"]: ["config.json", "diffusion_pytorch_model.fp16.safetensors"],
+    CONTROLNETS["canny"].repo: ["config.json", "diffusion_pytorch_model.fp16.safetensors"],
+    CONTROLNETS["depth"].repo: ["config.json", "diffusion_pytorch_model.fp16.safetensors"],
     DEPTH_ESTIMATOR: ["config.json", "preprocessor_config.json", "model.safetensors"],
 }
 
@@ -122,26 +147,31 @@ def load_pipeline(
 def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str, random_controlnet: bool = False):
     """A pipeline sharing ``pipe``'s components (no second copy in memory) plus a ControlNet.
 
-    ``controlnet``: "canny", "depth", or a ControlNet Hub id or local folder; with ``random_controlnet``
-    (for the small offline models, which have no trained ControlNet) "canny" and "depth" give a small
-    random one built from ``pipe.unet``.
+    ``controlnet``: a control type (a key of ``CONTROLNETS``: its ControlNet, the union model for some;
+    the call then needs that choice's ``control_mode``), or a ControlNet Hub id or local folder; with
+    ``random_controlnet`` (for the small offline models, which have no trained ControlNet) a control type
+    gives a small random one of the same kind built from ``pipe.unet``.
     """
     unet = pipe.unet
+    choice = CONTROLNETS.get(controlnet, ControlNetChoice(controlnet, "?"))
     if random_controlnet and controlnet in CONTROLNETS:
-        net = tiny_controlnet(unet).to(unet.device)
+        net = (tiny_controlnet if choice.mode is None else tiny_union_controlnet)(unet).to(unet.device)
         if net.dtype != unet.dtype:
             net = net.to(dtype=unet.dtype)
     else:
         from diffusers import ControlNetModel
 
-        repo = CONTROLNETS.get(controlnet, controlnet)
         runtime = Runtime(unet.device, unet.dtype)
         try:
-            net = ControlNetModel.from_pretrained(
-                repo, torch_dtype=unet.dtype, use_safetensors=True, **_variant(repo, runtime)
-            ).to(unet.device)
+            if choice.repo == UNION:
+                net = load_union_controlnet(choice.repo, unet.dtype)
+            else:
+                variant = _variant(choice.repo, runtime) if choice.fp16_files or controlnet not in CONTROLNETS else {}
+                net = ControlNetModel.from_pretrained(choice.repo, torch_dtype=unet.dtype, use_safetensors=True,
+                                                      **variant)
+            net = net.to(unet.device)
         except Exception as error:  # no network, no cache, a bad id
-            raise RuntimeError(f"the ControlNet {repo} could not be loaded: {str(error).splitlines()[0]}") from error
+            raise RuntimeError(f"the ControlNet {choice.repo} could not be loaded: {str(error).splitlines()[0]}") from error
     derived = StableDiffusionXLSEGPipeline(
         **{**pipe.components, "controlnet": net},
         force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt,
@@ -149,6 +179,28 @@ def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str, random_
     )
     derived.share_down_blocks = pipe.share_down_blocks
     return derived
+
+
+def load_union_controlnet(repo: str = UNION, dtype: torch.dtype = torch.float32):
+    """xinsir's ControlNet-Union ProMax as a diffusers ``ControlNetUnionModel``, from its ProMax config and
+    safetensors files (``UNION_FILES``; ``repo`` a Hub id or a folder holding them). diffusers'
+    ``from_pretrained`` reads only the repo's first (non-ProMax) files under their standard names."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetUnionModel
+    from safetensors.torch import load_file
+
+    if os.path.isdir(repo):
+        config_file, weights_file = (os.path.join(repo, name) for name in UNION_FILES)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        config_file, weights_file = (hf_hub_download(repo, name) for name in UNION_FILES)
+    with open(config_file) as f:
+        config = json.load(f)
+    with init_empty_weights():
+        net = ControlNetUnionModel.from_config(config)
+    net.load_state_dict(load_file(weights_file), assign=True)
+    return net.to(dtype=dtype).eval()
 
 
 def _variant(repo: str, runtime: Runtime) -> dict:
@@ -159,56 +211,12 @@ def _variant(repo: str, runtime: Runtime) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Control-image preprocessors
+# Control-image preprocessors (seg_core.control)
 # --------------------------------------------------------------------------------------------------
 
 
-def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
-    """Canny edges (OpenCV) as a 3-channel image, the input diffusers' canny SDXL ControlNet expects."""
-    import cv2
-
-    gray = np.asarray(image.convert("L"))
-    edges = cv2.Canny(gray, low, high)
-    return Image.fromarray(np.stack([edges] * 3, axis=-1))
-
-
-_depth_models: dict = {}
-
-
-def load_depth_estimator():
-    """DPT-Hybrid MiDaS (safetensors weights) and its image processor, loaded once; on the CPU, where the
-    control-map preview runs. RuntimeError naming the model when the weights cannot be loaded."""
-    from transformers import DPTForDepthEstimation, DPTImageProcessor
-
-    if DEPTH_ESTIMATOR not in _depth_models:
-        try:
-            _depth_models[DEPTH_ESTIMATOR] = (
-                DPTImageProcessor.from_pretrained(DEPTH_ESTIMATOR),
-                DPTForDepthEstimation.from_pretrained(DEPTH_ESTIMATOR, use_safetensors=True).eval(),
-            )
-        except Exception as error:  # no network, no cache
-            raise RuntimeError(f"the depth estimator {DEPTH_ESTIMATOR} could not be loaded: {error}") from error
-    return _depth_models[DEPTH_ESTIMATOR]
-
-
-def depth_map(image: Image.Image) -> Image.Image:
-    """Relative depth (DPT-Hybrid MiDaS) normalised to [0, 255], 3 channels. Needs the estimator's
-    weights (Hub or cache); raises RuntimeError naming the model when they cannot be loaded."""
-    processor, estimator = load_depth_estimator()
-    rgb = image.convert("RGB")
-    with torch.no_grad():
-        depth = estimator(**processor(images=rgb, return_tensors="pt")).predicted_depth
-    depth = torch.nn.functional.interpolate(depth[:, None], size=rgb.size[::-1], mode="bicubic")[0, 0]
-    depth = (depth - depth.min()) / (depth.max() - depth.min()).clamp(min=1e-8)
-    array = (depth.clamp(0, 1).numpy() * 255).astype(np.uint8)
-    return Image.fromarray(np.stack([array] * 3, axis=-1))
-
-
-PREPROCESSORS = {"canny": canny_edges, "depth": depth_map}
-
-
-def preprocess_control(kind: str, image: Image.Image) -> Image.Image:
-    """The control map for ControlNet ``kind`` ("canny" or "depth") from an input image."""
-    if kind not in PREPROCESSORS:
-        raise ValueError(f"unknown control type {kind!r}: expected one of {sorted(PREPROCESSORS)}")
-    return PREPROCESSORS[kind](image)
+def preprocess_control(kind: str, image: Image.Image, **detection) -> Image.Image:
+    """The control map for ControlNet ``kind`` (one of ``CONTROL_TYPES``) from an input image; keyword
+    arguments are the detector's knobs (:class:`seg_core.control.Detection`: ``preprocess``,
+    ``detect_resolution``, ``low_threshold``, ``high_threshold``, ``hands``, ``face``)."""
+    return control_map(kind, image, Detection(**detection))

@@ -1,0 +1,227 @@
+"""Control maps: the preprocessors that turn a picture into what an SDXL ControlNet reads.
+
+The detectors are controlnet-aux's (lllyasviel's ControlNet annotators), except depth, which runs the same
+MiDaS DPT-Hybrid through transformers because that copy ships safetensors weights. controlnet-aux's own
+``from_pretrained`` unpickles ``.pth`` files with a bare ``torch.load``; here every detector network is
+built from its class and given a state dict read by :func:`load_weights` (safetensors, or
+``torch.load(weights_only=True)``), so no pickled code can run. Which ControlNet reads each map is
+``seg_core.presets``' business.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: lllyasviel's annotator weights, the files controlnet-aux downloads by default.
+ANNOTATORS = "lllyasviel/Annotators"
+#: transformers' copy of MiDaS DPT-Hybrid, with safetensors weights.
+DEPTH_ESTIMATOR = "Intel/dpt-hybrid-midas"
+#: The annotator files each learned detector reads.
+DETECTOR_FILES = {
+    "lineart": ("sk_model.pth", "sk_model2.pth"),
+    "softedge": ("ControlNetHED.pth",),
+    "openpose": ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
+}
+MIN_DETECT_RESOLUTION, MAX_DETECT_RESOLUTION = 64, 2048
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How to detect a control map: the knobs people use in ControlNet demos, with their ranges."""
+
+    preprocess: bool = True  # False: the image is already a control map ("none" preprocessor)
+    detect_resolution: int = 512  # the detector's input, shorter side, pixels
+    low_threshold: int = 100  # canny
+    high_threshold: int = 200  # canny
+    hands: bool = False  # openpose
+    face: bool = False  # openpose
+
+    def __post_init__(self):
+        res = self.detect_resolution
+        if isinstance(res, bool) or not isinstance(res, int) or not MIN_DETECT_RESOLUTION <= res <= MAX_DETECT_RESOLUTION:
+            raise ValueError(f"detect_resolution must be an integer in [{MIN_DETECT_RESOLUTION}, "
+                             f"{MAX_DETECT_RESOLUTION}], got {res!r}")
+        for name in ("low_threshold", "high_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+                raise ValueError(f"{name} must be an integer in [0, 255], got {value!r}")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) must not exceed high_threshold "
+                             f"({self.high_threshold})")
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file, or from a torch file read with ``weights_only=True`` (tensors
+    and plain containers only: a pickle that would run code is refused)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights_path(filename: str, weights_dir: str | None = None) -> str:
+    """``filename`` of the annotators: in ``weights_dir`` (an operator's folder, or a test's) or else from
+    the Hub (or its cache). RuntimeError naming the file when it is not there."""
+    if weights_dir is not None:
+        path = Path(weights_dir) / filename
+        if not path.is_file():
+            raise RuntimeError(f"the detector weights {filename} are not in {weights_dir}")
+        return str(path)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(ANNOTATORS, filename)
+    except Exception as error:  # no network, no cache
+        raise RuntimeError(f"the detector weights {ANNOTATORS}/{filename} could not be loaded: "
+                           f"{str(error).splitlines()[0]}") from error
+
+
+def _import_aux() -> None:
+    """Import controlnet-aux quietly: its package imports every detector it has and warns about those
+    not used here (mediapipe missing, timm model names registered again)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        import controlnet_aux  # noqa: F401
+
+
+def _loaded(net: torch.nn.Module, state: dict) -> torch.nn.Module:
+    net.load_state_dict(state)
+    return net.float().eval()
+
+
+def _lineart(weights_dir):
+    """Informative-drawings line art (controlnet-aux ``LineartDetector``): fine and coarse generators."""
+    _import_aux()
+    from controlnet_aux.lineart import Generator, LineartDetector
+
+    fine, coarse = (_loaded(Generator(3, 1, 3), load_weights(weights_path(f, weights_dir)))
+                    for f in DETECTOR_FILES["lineart"])
+    return LineartDetector(fine, coarse)
+
+
+def _softedge(weights_dir):
+    """HED soft edges (controlnet-aux ``HEDdetector``, lllyasviel's Apache-2.0 reimplementation)."""
+    _import_aux()
+    from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
+
+    (filename,) = DETECTOR_FILES["softedge"]
+    return HEDdetector(_loaded(ControlNetHED_Apache2(), load_weights(weights_path(filename, weights_dir))))
+
+
+def _openpose(weights_dir):
+    """OpenPose body, hands and face (controlnet-aux ``OpenposeDetector``). Body and hand files name their
+    tensors without the network's first module level, as controlnet-aux's ``util.transfer`` expects."""
+    _import_aux()
+    from controlnet_aux.open_pose import Body, Face, Hand, OpenposeDetector, util
+    from controlnet_aux.open_pose.body import bodypose_model
+    from controlnet_aux.open_pose.face import FaceNet, params
+    from controlnet_aux.open_pose.hand import handpose_model
+
+    body_file, hand_file, face_file = (weights_path(f, weights_dir) for f in DETECTOR_FILES["openpose"])
+    body, hand, face = Body.__new__(Body), Hand.__new__(Hand), Face.__new__(Face)  # (their __init__ unpickle)
+    body.model = bodypose_model()
+    body.model = _loaded(body.model, util.transfer(body.model, load_weights(body_file)))
+    hand.model = handpose_model()
+    hand.model = _loaded(hand.model, util.transfer(hand.model, load_weights(hand_file)))
+    face.model = _loaded(FaceNet(), load_weights(face_file))
+    face.inference_size, face.sigma, face.threshold = (params["inference_img_size"], params["gaussian_sigma"],
+                                                      params["heatmap_peak_thresh"])
+    return OpenposeDetector(body, hand, face)
+
+
+_DETECTOR_BUILDERS = {"lineart": _lineart, "softedge": _softedge, "openpose": _openpose}
+_detectors: dict = {}
+
+
+def load_detector(control_type: str, weights_dir: str | None = None):
+    """The controlnet-aux detector of a learned control type, built once per weights folder."""
+    key = (control_type, weights_dir)
+    if key not in _detectors:
+        _detectors[key] = _DETECTOR_BUILDERS[control_type](weights_dir)
+    return _detectors[key]
+
+
+_depth_models: dict = {}
+
+
+def load_depth_estimator(source: str = DEPTH_ESTIMATOR):
+    """DPT-Hybrid MiDaS (safetensors weights; ``source`` a Hub id or folder) and its image processor, loaded
+    once, on the CPU. RuntimeError naming the model when the weights cannot be loaded."""
+    from transformers import DPTForDepthEstimation, DPTImageProcessor
+
+    if source not in _depth_models:
+        try:
+            _depth_models[source] = (
+                DPTImageProcessor.from_pretrained(source),
+                DPTForDepthEstimation.from_pretrained(source, use_safetensors=True).eval(),
+            )
+        except Exception as error:  # no network, no cache
+            raise RuntimeError(f"the depth estimator {source} could not be loaded: {error}") from error
+    return _depth_models[source]
+
+
+def _gray_to_rgb(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.stack([array] * 3, axis=-1))
+
+
+def canny_edges(image: Image.Image, detection: Detection = Detection()) -> Image.Image:
+    """Canny edges (controlnet-aux ``CannyDetector``: OpenCV at the detect resolution) with the thresholds."""
+    _import_aux()
+    from controlnet_aux.canny import CannyDetector
+
+    return CannyDetector()(image, low_threshold=detection.low_threshold, high_threshold=detection.high_threshold,
+                           detect_resolution=detection.detect_resolution,
+                           image_resolution=detection.detect_resolution, output_type="pil")
+
+
+def depth_map(image: Image.Image, detection: Detection = Detection(), source: str = DEPTH_ESTIMATOR) -> Image.Image:
+    """Relative depth (DPT-Hybrid MiDaS) at the detect resolution, normalised to [0, 255], 3 channels."""
+    processor, estimator = load_depth_estimator(source)
+    rgb = image.convert("RGB")
+    scale = detection.detect_resolution / min(rgb.size)
+    rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BICUBIC)
+    with torch.no_grad():
+        depth = estimator(**processor(images=rgb, return_tensors="pt")).predicted_depth
+    depth = torch.nn.functional.interpolate(depth[:, None], size=rgb.size[::-1], mode="bicubic")[0, 0]
+    depth = (depth - depth.min()) / (depth.max() - depth.min()).clamp(min=1e-8)
+    return _gray_to_rgb((depth.clamp(0, 1).numpy() * 255).astype(np.uint8))
+
+
+def learned_map(control_type: str, image: Image.Image, detection: Detection = Detection(),
+                weights_dir: str | None = None) -> Image.Image:
+    """The map of a learned controlnet-aux detector (lineart, softedge, openpose) at the detect resolution."""
+    extra = {"include_hand": detection.hands, "include_face": detection.face} if control_type == "openpose" else {}
+    return load_detector(control_type, weights_dir)(
+        image.convert("RGB"), detect_resolution=detection.detect_resolution,
+        image_resolution=detection.detect_resolution, output_type="pil", **extra)
+
+
+#: Control types, each with its preprocessor.
+CONTROL_TYPES = ("canny", "lineart", "softedge", "depth", "openpose")
+
+
+def control_map(control_type: str, image: Image.Image, detection: Detection = Detection(),
+                weights_dir: str | None = None, depth_source: str = DEPTH_ESTIMATOR) -> Image.Image:
+    """The control map of ``control_type`` for ``image``, at ``image``'s size; with ``detection.preprocess``
+    False the image is taken as a ready map. ``weights_dir``/``depth_source``: where the learned detectors'
+    weights are (default: the Hub or its cache)."""
+    if control_type not in CONTROL_TYPES:
+        raise ValueError(f"unknown control type {control_type!r}: expected one of {list(CONTROL_TYPES)}")
+    if not detection.preprocess:
+        return image.convert("RGB")
+    if control_type == "canny":
+        result = canny_edges(image, detection)
+    elif control_type == "depth":
+        result = depth_map(image, detection, depth_source)
+    else:
+        result = learned_map(control_type, image, detection, weights_dir)
+    return result.convert("RGB").resize(image.size, Image.BILINEAR)
