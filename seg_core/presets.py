@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -43,6 +44,10 @@ class ControlNetChoice:
     license: str
     mode: int | None = None
     fp16_files: bool = False  # the repo has diffusers' fp16 variant files (else the full files, cast)
+
+    @property
+    def is_union(self) -> bool:
+        return self.repo == UNION
 
 
 #: The SDXL ControlNet for each control type (seg_core.control.CONTROL_TYPES): single-type models where
@@ -144,18 +149,42 @@ def load_pipeline(
     return with_controlnet(pipe, controlnet, random_controlnet=model in OFFLINE_MODELS)
 
 
-def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str, random_controlnet: bool = False):
+def controlnet_choice(control_types: str | Sequence[str]) -> ControlNetChoice:
+    """The ControlNet for one control type (``CONTROLNETS``), or for several at once: the union model,
+    one net reading every map with its mode (xinsir's multi-condition use), rather than one SDXL-sized
+    ControlNet per control."""
+    types = [control_types] if isinstance(control_types, str) else list(control_types)
+    unknown = [t for t in types if t not in CONTROLNETS]
+    if unknown or not types:
+        raise ValueError(f"control types must be among {list(CONTROLNETS)}, got {types!r}")
+    if len(types) == 1:
+        return CONTROLNETS[types[0]]
+    return ControlNetChoice(UNION, CONTROLNETS["softedge"].license)
+
+
+def control_modes(control_types: str | Sequence[str]) -> int | list[int] | None:
+    """The ``control_mode`` argument a call needs with :func:`controlnet_choice`'s ControlNet (None for a
+    single-type ControlNet)."""
+    types = [control_types] if isinstance(control_types, str) else list(control_types)
+    if not controlnet_choice(types).is_union:
+        return None
+    modes = [UNION_MODES[t] for t in types]
+    return modes[0] if isinstance(control_types, str) else modes
+
+
+def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str | Sequence[str], random_controlnet: bool = False):
     """A pipeline sharing ``pipe``'s components (no second copy in memory) plus a ControlNet.
 
-    ``controlnet``: a control type (a key of ``CONTROLNETS``: its ControlNet, the union model for some;
-    the call then needs that choice's ``control_mode``), or a ControlNet Hub id or local folder; with
-    ``random_controlnet`` (for the small offline models, which have no trained ControlNet) a control type
-    gives a small random one of the same kind built from ``pipe.unet``.
+    ``controlnet``: a control type or a list of them (:func:`controlnet_choice`; the call then needs
+    :func:`control_modes`' ``control_mode``), or a ControlNet Hub id or local folder; with
+    ``random_controlnet`` (for the small offline models, which have no trained ControlNet) control types
+    give a small random ControlNet of the same kind built from ``pipe.unet``.
     """
     unet = pipe.unet
-    choice = CONTROLNETS.get(controlnet, ControlNetChoice(controlnet, "?"))
-    if random_controlnet and controlnet in CONTROLNETS:
-        net = (tiny_controlnet if choice.mode is None else tiny_union_controlnet)(unet).to(unet.device)
+    known = not isinstance(controlnet, str) or controlnet in CONTROLNETS
+    choice = controlnet_choice(controlnet) if known else ControlNetChoice(controlnet, "?")
+    if random_controlnet and known:
+        net = (tiny_union_controlnet if choice.is_union else tiny_controlnet)(unet).to(unet.device)
         if net.dtype != unet.dtype:
             net = net.to(dtype=unet.dtype)
     else:
@@ -163,10 +192,10 @@ def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str, random_
 
         runtime = Runtime(unet.device, unet.dtype)
         try:
-            if choice.repo == UNION:
+            if choice.is_union:
                 net = load_union_controlnet(choice.repo, unet.dtype)
             else:
-                variant = _variant(choice.repo, runtime) if choice.fp16_files or controlnet not in CONTROLNETS else {}
+                variant = _variant(choice.repo, runtime) if choice.fp16_files or not known else {}
                 net = ControlNetModel.from_pretrained(choice.repo, torch_dtype=unet.dtype, use_safetensors=True,
                                                       **variant)
             net = net.to(unet.device)

@@ -181,3 +181,19 @@ def test_offline_softedge_gets_a_random_union_model_and_runs_with_its_mode(compo
                control_mode=CONTROLNETS["softedge"].mode, num_inference_steps=2, output_type="np", seg_scale=1.0,
                height=TINY_SIZE, width=TINY_SIZE).images
     assert out.shape == (1, TINY_SIZE, TINY_SIZE, 3) and np.isfinite(out).all()
+
+
+def test_two_control_types_share_one_union_model_with_a_mode_each(components):
+    from seg_core.presets import control_modes, controlnet_choice
+
+    assert controlnet_choice(["canny", "depth"]).repo == UNION
+    assert control_modes(["canny", "depth"]) == [UNION_MODES["canny"], UNION_MODES["depth"]]
+    assert control_modes("canny") is None and control_modes("softedge") == UNION_MODES["softedge"]
+    with pytest.raises(ValueError, match="control types must be among"):
+        controlnet_choice(["canny", "scribble"])
+    pipe = with_controlnet(make_pipe(components), ["canny", "openpose"], random_controlnet=True)
+    maps = [control_map(t, house((TINY_SIZE, TINY_SIZE)), Detection(preprocess=False)) for t in ("canny", "openpose")]
+    out = pipe("a house", image=maps, control_mode=control_modes(["canny", "openpose"]),
+               controlnet_conditioning_scale=[0.7, 0.4], control_guidance_end=[1.0, 0.5],
+               num_inference_steps=2, output_type="np", seg_scale=1.0, height=TINY_SIZE, width=TINY_SIZE).images
+    assert out.shape == (1, TINY_SIZE, TINY_SIZE, 3) and np.isfinite(out).all()
