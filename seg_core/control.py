@@ -30,6 +30,9 @@ DETECTOR_FILES = {
     "openpose": ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
 }
 MIN_DETECT_RESOLUTION, MAX_DETECT_RESOLUTION = 64, 2048
+#: ``weights_dir`` for the small offline models: the detectors keep random (seeded) weights, as their
+#: ControlNets do; the maps are noise, but every code path runs without downloads.
+RANDOM_WEIGHTS = "random"
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,14 @@ def _import_aux() -> None:
         import controlnet_aux  # noqa: F401
 
 
-def _loaded(net: torch.nn.Module, state: dict) -> torch.nn.Module:
-    net.load_state_dict(state)
+def _read(filename: str, weights_dir: str | None) -> dict | None:
+    """The state dict in ``filename`` (:func:`weights_path`), or None with ``RANDOM_WEIGHTS``."""
+    return None if weights_dir == RANDOM_WEIGHTS else load_weights(weights_path(filename, weights_dir))
+
+
+def _loaded(net: torch.nn.Module, state: dict | None) -> torch.nn.Module:
+    if state is not None:
+        net.load_state_dict(state)
     return net.float().eval()
 
 
@@ -103,8 +112,7 @@ def _lineart(weights_dir):
     _import_aux()
     from controlnet_aux.lineart import Generator, LineartDetector
 
-    fine, coarse = (_loaded(Generator(3, 1, 3), load_weights(weights_path(f, weights_dir)))
-                    for f in DETECTOR_FILES["lineart"])
+    fine, coarse = (_loaded(Generator(3, 1, 3), _read(f, weights_dir)) for f in DETECTOR_FILES["lineart"])
     return LineartDetector(fine, coarse)
 
 
@@ -114,7 +122,7 @@ def _softedge(weights_dir):
     from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
 
     (filename,) = DETECTOR_FILES["softedge"]
-    return HEDdetector(_loaded(ControlNetHED_Apache2(), load_weights(weights_path(filename, weights_dir))))
+    return HEDdetector(_loaded(ControlNetHED_Apache2(), _read(filename, weights_dir)))
 
 
 def _openpose(weights_dir):
@@ -126,13 +134,11 @@ def _openpose(weights_dir):
     from controlnet_aux.open_pose.face import FaceNet, params
     from controlnet_aux.open_pose.hand import handpose_model
 
-    body_file, hand_file, face_file = (weights_path(f, weights_dir) for f in DETECTOR_FILES["openpose"])
+    body_state, hand_state, face_state = (_read(f, weights_dir) for f in DETECTOR_FILES["openpose"])
     body, hand, face = Body.__new__(Body), Hand.__new__(Hand), Face.__new__(Face)  # (their __init__ unpickle)
-    body.model = bodypose_model()
-    body.model = _loaded(body.model, util.transfer(body.model, load_weights(body_file)))
-    hand.model = handpose_model()
-    hand.model = _loaded(hand.model, util.transfer(hand.model, load_weights(hand_file)))
-    face.model = _loaded(FaceNet(), load_weights(face_file))
+    for part, net, state in ((body, bodypose_model(), body_state), (hand, handpose_model(), hand_state)):
+        part.model = _loaded(net, None if state is None else util.transfer(net, state))
+    face.model = _loaded(FaceNet(), face_state)
     face.inference_size, face.sigma, face.threshold = (params["inference_img_size"], params["gaussian_sigma"],
                                                       params["heatmap_peak_thresh"])
     return OpenposeDetector(body, hand, face)
@@ -143,21 +149,39 @@ _detectors: dict = {}
 
 
 def load_detector(control_type: str, weights_dir: str | None = None):
-    """The controlnet-aux detector of a learned control type, built once per weights folder."""
+    """The controlnet-aux detector of a learned control type, built once per weights folder (or
+    ``RANDOM_WEIGHTS``: seeded random weights)."""
     key = (control_type, weights_dir)
     if key not in _detectors:
-        _detectors[key] = _DETECTOR_BUILDERS[control_type](weights_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _detectors[key] = _DETECTOR_BUILDERS[control_type](weights_dir)
     return _detectors[key]
 
 
 _depth_models: dict = {}
 
 
+def tiny_depth_estimator():
+    """A small random DPT (transformers) and its image processor: the offline models' depth estimator."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+                       image_size=64, patch_size=16, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+                       backbone_out_indices=[0, 1, 2, 3], head_in_index=-1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return DPTImageProcessor(size={"height": 64, "width": 64}), DPTForDepthEstimation(config).eval()
+
+
 def load_depth_estimator(source: str = DEPTH_ESTIMATOR):
-    """DPT-Hybrid MiDaS (safetensors weights; ``source`` a Hub id or folder) and its image processor, loaded
-    once, on the CPU. RuntimeError naming the model when the weights cannot be loaded."""
+    """DPT-Hybrid MiDaS (safetensors weights; ``source`` a Hub id or folder, or ``RANDOM_WEIGHTS``: see
+    :func:`tiny_depth_estimator`) and its image processor, loaded once, on the CPU. RuntimeError naming
+    the model when the weights cannot be loaded."""
     from transformers import DPTForDepthEstimation, DPTImageProcessor
 
+    if source == RANDOM_WEIGHTS and source not in _depth_models:
+        _depth_models[source] = tiny_depth_estimator()
     if source not in _depth_models:
         try:
             _depth_models[source] = (
@@ -213,7 +237,7 @@ def control_map(control_type: str, image: Image.Image, detection: Detection = De
                 weights_dir: str | None = None, depth_source: str = DEPTH_ESTIMATOR) -> Image.Image:
     """The control map of ``control_type`` for ``image``, at ``image``'s size; with ``detection.preprocess``
     False the image is taken as a ready map. ``weights_dir``/``depth_source``: where the learned detectors'
-    weights are (default: the Hub or its cache)."""
+    weights are (default: the Hub or its cache; ``RANDOM_WEIGHTS`` for random detectors)."""
     if control_type not in CONTROL_TYPES:
         raise ValueError(f"unknown control type {control_type!r}: expected one of {list(CONTROL_TYPES)}")
     if not detection.preprocess:

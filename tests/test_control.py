@@ -57,15 +57,10 @@ def annotators(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_depth(tmp_path_factory):
     """A small random DPT (transformers), saved as safetensors with its image processor."""
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
-
     folder = tmp_path_factory.mktemp("dpt")
-    torch.manual_seed(0)
-    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
-                       image_size=64, patch_size=16, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
-                       backbone_out_indices=[0, 1, 2, 3], head_in_index=-1)
-    DPTForDepthEstimation(config).save_pretrained(folder, safe_serialization=True)
-    DPTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(folder)
+    processor, model = control.tiny_depth_estimator()
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
     return str(folder)
 
 
@@ -124,6 +119,17 @@ def test_canny_thresholds_and_detect_resolution_change_the_map():
 def test_depth_runs_from_a_safetensors_folder(tiny_depth):
     result = control_map("depth", house(), Detection(detect_resolution=64), depth_source=tiny_depth)
     assert result.size == (160, 120) and varied(result)
+    random = control_map("depth", house(), Detection(detect_resolution=64), depth_source=control.RANDOM_WEIGHTS)
+    assert np.array_equal(np.asarray(random), np.asarray(result))  # the same seeded weights, saved and loaded
+
+
+@pytest.mark.parametrize("control_type", ["lineart", "softedge", "openpose"])
+def test_random_detectors_for_the_offline_models_need_no_files(control_type):
+    detection = Detection(detect_resolution=64)
+    random = control_map(control_type, house(), detection, weights_dir=control.RANDOM_WEIGHTS)
+    assert random.size == (160, 120)
+    assert control.load_detector(control_type, control.RANDOM_WEIGHTS) is control.load_detector(
+        control_type, control.RANDOM_WEIGHTS)  # built once
 
 
 def test_no_preprocessing_takes_the_image_as_the_map():
