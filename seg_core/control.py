@@ -245,7 +245,7 @@ def control_map(control_type: str, image: Image.Image, detection: Detection = De
     if control_type == "canny":
         result = canny_edges(image, detection)
     elif control_type == "depth":
-        result = depth_map(image, detection, depth_source)
+        result = depth_map(image, detection, RANDOM_WEIGHTS if weights_dir == RANDOM_WEIGHTS else depth_source)
     else:
         result = learned_map(control_type, image, detection, weights_dir)
     return result.convert("RGB").resize(image.size, Image.BILINEAR)
