@@ -172,6 +172,23 @@ def control_modes(control_types: str | Sequence[str]) -> int | list[int] | None:
     return modes[0] if isinstance(control_types, str) else modes
 
 
+def control_arguments(control_types: Sequence[str], scales: Sequence[float], starts: Sequence[float],
+                      ends: Sequence[float]) -> dict:
+    """The ControlNet keyword arguments of a pipeline call (all but ``image``) for one or several control
+    types on :func:`controlnet_choice`'s ControlNet: single values for one control, lists for several."""
+    if not len(control_types) == len(scales) == len(starts) == len(ends):
+        raise ValueError(f"one scale and window per control: {len(control_types)} controls, {len(scales)} scales, "
+                         f"{len(starts)} starts, {len(ends)} ends")
+    one = len(control_types) == 1
+    kwargs = {"controlnet_conditioning_scale": scales[0] if one else list(scales),
+              "control_guidance_start": starts[0] if one else list(starts),
+              "control_guidance_end": ends[0] if one else list(ends)}
+    modes = control_modes(control_types[0] if one else list(control_types))
+    if modes is not None:
+        kwargs["control_mode"] = modes
+    return kwargs
+
+
 def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str | Sequence[str], random_controlnet: bool = False):
     """A pipeline sharing ``pipe``'s components (no second copy in memory) plus a ControlNet.
 

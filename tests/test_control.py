@@ -203,3 +203,16 @@ def test_two_control_types_share_one_union_model_with_a_mode_each(components):
                controlnet_conditioning_scale=[0.7, 0.4], control_guidance_end=[1.0, 0.5],
                num_inference_steps=2, output_type="np", seg_scale=1.0, height=TINY_SIZE, width=TINY_SIZE).images
     assert out.shape == (1, TINY_SIZE, TINY_SIZE, 3) and np.isfinite(out).all()
+
+
+def test_control_arguments_single_values_for_one_control_lists_for_two():
+    from seg_core.presets import control_arguments
+
+    assert control_arguments(["canny"], [0.5], [0.0], [0.8]) == dict(
+        controlnet_conditioning_scale=0.5, control_guidance_start=0.0, control_guidance_end=0.8)
+    assert control_arguments(["softedge"], [0.5], [0.0], [1.0])["control_mode"] == UNION_MODES["softedge"]
+    two = control_arguments(["depth", "openpose"], [0.5, 0.7], [0.0, 0.2], [1.0, 0.9])
+    assert two == dict(controlnet_conditioning_scale=[0.5, 0.7], control_guidance_start=[0.0, 0.2],
+                       control_guidance_end=[1.0, 0.9], control_mode=[UNION_MODES["depth"], UNION_MODES["openpose"]])
+    with pytest.raises(ValueError, match="one scale and window per control"):
+        control_arguments(["depth", "openpose"], [0.5], [0.0], [1.0])
