@@ -26,9 +26,13 @@ import re
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 from gradio.context import LocalContext
+from gradio.data_classes import ImageData
+from pydantic import ConfigDict, model_validator
 from gradio_client.utils import is_http_url_like
 
+from seg_core.guard import FILE_REFUSED, RequestGuard, is_upload
 from seg_core.studio import (
     CONTROL_TYPES,
     GPU,
@@ -138,10 +142,24 @@ def cancellation_check():
     return should_stop
 
 
+class ControlImageData(ImageData):
+    model_config = ConfigDict(json_schema_extra={"description": (
+        "An image file uploaded with the request (gradio_client: handle_file(path)); server paths and URLs "
+        "are refused.")})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_file_payload(cls, value):
+        """A bare string (a path) or any other non-object: no file, refused in preprocess like a path."""
+        return value if isinstance(value, (dict, ImageData)) else {"path": ""}
+
+
 class ControlImage(gr.Image):
-    """An image input that hands the handler the uploaded file itself, for seg_core to decode defensively
-    (size checked before decoding, modes converted, clear errors), and never fetches a URL a request names.
-    Gradio already refuses paths that are not its own uploads."""
+    """An image input that hands the handler the bytes of a file Gradio received as an upload for this
+    request (or one of the examples it ships, which Gradio copies into its upload folder), for seg_core to
+    decode defensively. Anything else (a server path, with or without Gradio's ``meta``, a URL) is refused
+    with seg_core.guard.FILE_REFUSED, the same words whatever the path; the request guard refuses it
+    before it gets here, this is the second line."""
 
     is_template = True  # the frontend is gr.Image's
 
@@ -149,26 +167,42 @@ class ControlImage(gr.Image):
         super().__init__(*args, type="filepath", **kwargs)
         self.max_upload_mb = max_upload_mb
 
+    def get_config(self, cls=None):
+        # The frontend needs gr.Image's props (label, buttons, sources, ...), which Gradio collects from
+        # the constructor's signature: ours has only *args / **kwargs.
+        return super().get_config(cls or gr.Image)
+
+    data_model = ControlImageData
+
+    def example_inputs(self):
+        return {"path": "assets/control_house.png", "meta": {"_type": "gradio.FileData"},
+                "orig_name": "control_house.png"}
+
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         if url_or_file_path is not None and is_http_url_like(str(url_or_file_path)):
-            raise gr.Error("control_image must be an uploaded file; this server fetches no URLs",
-                           print_exception=False)
+            raise gr.Error(FILE_REFUSED, print_exception=False)
         return await super().async_move_resource_to_block_cache(url_or_file_path)
 
     def preprocess(self, payload):
         if payload is None:
             return None
-        if payload.url and payload.url.startswith("data:"):
+        limit = self.max_upload_mb * 2**20
+        if payload.url and payload.url.startswith("data:") and not payload.path:
             encoded = payload.url.partition(",")[2]
-            if len(encoded) * 3 / 4 > self.max_upload_mb * 2**20:
-                raise gr.Error(f"control_image must be at most {self.max_upload_mb:g} MB", print_exception=False)
+            if len(encoded) * 3 / 4 > limit:
+                raise gr.Error(f"control_image must be at most {self.max_upload_mb:g} MB, got "
+                               f"{len(encoded) * 3 / 4 / 2**20:.1f} MB", print_exception=False)
             try:
                 return base64.b64decode(encoded, validate=False)
             except (binascii.Error, ValueError):
                 raise gr.Error("control_image: the data URL is not valid base64", print_exception=False) from None
-        if payload.path is None:
-            raise gr.Error("control_image: no file was uploaded", print_exception=False)
-        return payload.path
+        if not is_upload(payload.path):
+            raise gr.Error(FILE_REFUSED, print_exception=False)
+        with open(payload.path, "rb") as file:  # an upload: its size is ours to report
+            data = file.read(int(limit) + 1)
+        if len(data) > limit:
+            raise gr.Error(f"control_image must be at most {self.max_upload_mb:g} MB", print_exception=False)
+        return data
 
 
 def progress_reporter(progress: gr.Progress):
@@ -191,7 +225,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     the embedded model (or tiny, without its weights) with a banner.
 
     ``limits`` (seg_core.studio.Limits) bound every request; ``queue_size`` requests may wait, more are
-    refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload size limit.
+    refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload and body size limits
+    and the request guard (seg_core.guard).
     Only the operator picks the model: no request can name one.
     """
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
@@ -539,7 +574,10 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
 
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     demo.studio = studio  # for tests and scripts
-    demo.launch_options = {"max_file_size": int(limits.max_upload_mb * 2**20)}  # bytes
+    public_api = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    guard = Middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, public_api=lambda: public_api)
+    demo.launch_options = {"max_file_size": int(limits.max_upload_mb * 2**20),  # bytes
+                           "app_kwargs": {"middleware": [guard]}}
     return demo
 
 
@@ -565,6 +603,9 @@ def main(argv: list[str] | None = None) -> None:
                        help=f"characters per prompt (default {defaults.max_prompt_chars}; $SEG_MAX_PROMPT_CHARS)")
     limit.add_argument("--max-upload-mb", type=float, default=_env("SEG_MAX_UPLOAD_MB", float, defaults.max_upload_mb),
                        help=f"control image file size in MB (default {defaults.max_upload_mb:g}; $SEG_MAX_UPLOAD_MB)")
+    limit.add_argument("--max-body-mb", type=float, default=_env("SEG_MAX_BODY_MB", float, defaults.max_body_mb),
+                       help="one HTTP request body in MB, refused before it is read (default: room for a base64 "
+                            "upload at --max-upload-mb, + 2 MB; $SEG_MAX_BODY_MB)")
     limit.add_argument("--max-image-side", type=int,
                        default=_env("SEG_MAX_IMAGE_SIDE", int, defaults.max_image_side),
                        help=f"control image sides in pixels (default {defaults.max_image_side}; $SEG_MAX_IMAGE_SIDE)")
@@ -573,7 +614,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
-                        max_upload_mb=args.max_upload_mb, max_image_side=args.max_image_side)
+                        max_upload_mb=args.max_upload_mb, max_image_side=args.max_image_side,
+                        max_body_mb=args.max_body_mb)
         if args.queue_size < 1:
             raise ValueError(f"queue_size must be a positive integer, got {args.queue_size}")
     except ValueError as error:

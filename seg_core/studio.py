@@ -107,6 +107,7 @@ class Limits:
     max_image_side: int = 4096  # control image sides after decoding (and at most max_image_side^2 pixels)
     max_sweep_images: int = 64  # images in one sweep
     max_layer_names: int = 32  # entries in seg_applied_layers
+    max_body_mb: float | None = None  # one HTTP request body; None: room for a base64 upload at the limit
 
     def __post_init__(self):
         for name in ("max_pixels", "max_steps", "max_prompt_chars", "max_image_side", "max_sweep_images",
@@ -117,12 +118,23 @@ class Limits:
         if not (isinstance(self.max_upload_mb, (int, float)) and math.isfinite(self.max_upload_mb)
                 and self.max_upload_mb > 0):
             raise ValueError(f"max_upload_mb must be a positive number, got {self.max_upload_mb!r}")
+        if self.max_body_mb is not None and not (isinstance(self.max_body_mb, (int, float))
+                                                 and self.max_upload_mb < self.max_body_mb < math.inf):
+            raise ValueError(f"max_body_mb must be a number above max_upload_mb ({self.max_upload_mb:g}), "
+                             f"got {self.max_body_mb!r}")
         if self.max_pixels < 64:
             raise ValueError(f"max_pixels must be at least 64 (8x8), got {self.max_pixels}")
         if self.max_steps > 1000:
             raise ValueError(f"max_steps must be at most 1000 (the pipeline's limit), got {self.max_steps}")
         if self.max_image_side < 8:
             raise ValueError(f"max_image_side must be at least 8, got {self.max_image_side}")
+
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The request body limit: ``max_body_mb``, or an upload at the limit as a base64 data URL + 2 MB."""
+        mb = self.max_body_mb if self.max_body_mb is not None else self.max_upload_mb * 4 / 3 + 2
+        return int(mb * 2**20)
 
 
 MIN_IMAGE_SIDE = 8  # pixels: a smaller control image carries nothing to fit to the output size
