@@ -606,6 +606,10 @@ def main(argv: list[str] | None = None) -> None:
     limit.add_argument("--max-body-mb", type=float, default=_env("SEG_MAX_BODY_MB", float, defaults.max_body_mb),
                        help="one HTTP request body in MB, refused before it is read (default: room for a base64 "
                             "upload at --max-upload-mb, + 2 MB; $SEG_MAX_BODY_MB)")
+    limit.add_argument("--memory-budget-gb", type=float,
+                       default=_env("SEG_MEMORY_BUDGET_GB", float, defaults.memory_budget_gb),
+                       help=f"memory one request may use beyond the weights; sizes and methods (SAG) that "
+                            f"need more are refused (default {defaults.memory_budget_gb:g}; $SEG_MEMORY_BUDGET_GB)")
     limit.add_argument("--max-image-side", type=int,
                        default=_env("SEG_MAX_IMAGE_SIDE", int, defaults.max_image_side),
                        help=f"control image sides in pixels (default {defaults.max_image_side}; $SEG_MAX_IMAGE_SIDE)")
@@ -615,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
                         max_upload_mb=args.max_upload_mb, max_image_side=args.max_image_side,
-                        max_body_mb=args.max_body_mb)
+                        max_body_mb=args.max_body_mb, memory_budget_gb=args.memory_budget_gb)
         if args.queue_size < 1:
             raise ValueError(f"queue_size must be a positive integer, got {args.queue_size}")
     except ValueError as error:

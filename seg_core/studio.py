@@ -36,6 +36,7 @@ from .attention import resolve_layers
 from .compare import side_by_side
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
 from . import embedded
+from .limits import Geometry, ModelLimits
 from .presets import DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_pipeline, preprocess_control, with_controlnet
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Limits:
     max_sweep_images: int = 64  # images in one sweep
     max_layer_names: int = 32  # entries in seg_applied_layers
     max_body_mb: float | None = None  # one HTTP request body; None: room for a base64 upload at the limit
+    memory_budget_gb: float = 8.0  # one request's activations (weights not counted); see seg_core.limits
 
     def __post_init__(self):
         for name in ("max_pixels", "max_steps", "max_prompt_chars", "max_image_side", "max_sweep_images",
@@ -118,6 +120,8 @@ class Limits:
         if not (isinstance(self.max_upload_mb, (int, float)) and math.isfinite(self.max_upload_mb)
                 and self.max_upload_mb > 0):
             raise ValueError(f"max_upload_mb must be a positive number, got {self.max_upload_mb!r}")
+        if not (isinstance(self.memory_budget_gb, (int, float)) and 0 < self.memory_budget_gb < math.inf):
+            raise ValueError(f"memory_budget_gb must be a positive number, got {self.memory_budget_gb!r}")
         if self.max_body_mb is not None and not (isinstance(self.max_body_mb, (int, float))
                                                  and self.max_upload_mb < self.max_body_mb < math.inf):
             raise ValueError(f"max_body_mb must be a number above max_upload_mb ({self.max_upload_mb:g}), "
@@ -566,6 +570,7 @@ class Studio:
         self.output_dir = output_dir or tempfile.mkdtemp(prefix="seg-studio-")
         os.makedirs(self.output_dir, exist_ok=True)
         self._counter = 0
+        self._model_limits: ModelLimits | None = None
         try:
             self.model = model
             self.pipeline("none")
@@ -603,14 +608,35 @@ class Studio:
         return "\n\n".join(lines) or None
 
     @property
+    def model_limits(self) -> ModelLimits:
+        """This model's limits on this server (seg_core.limits): from its geometry, the sizes it was trained
+        at (its size menu) and the operator's memory budget and pixel limit."""
+        if self._model_limits is None:
+            self._model_limits = ModelLimits(
+                Geometry.of(self.pipeline("none")), max(w * h for w, h in self.profile.sizes),
+                int(self.limits.memory_budget_gb * 2**30), self.limits.max_pixels)
+        return self._model_limits
+
+    @property
     def size_presets(self) -> list[tuple[int, int]]:
-        """The model's sizes within the pixel budget (at least the smallest one, shrunk to fit)."""
-        sizes = self.profile.sizes
-        fitting = [(w, h) for w, h in sizes if w * h <= self.limits.max_pixels]
+        """The model's sizes within its pixel limit (at least the smallest one, shrunk to fit)."""
+        max_pixels = self.model_limits.max_pixels
+        fitting = [(w, h) for w, h in self.profile.sizes if w * h <= max_pixels]
         if fitting:
             return fitting
-        side = max(8, int(math.isqrt(self.limits.max_pixels)) // 8 * 8)
+        side = max(8, int(math.isqrt(max_pixels)) // 8 * 8)
         return [(side, side)]
+
+    def request_rows(self, settings: Settings, images: int = 1) -> int:
+        """Batch rows of one UNet call for ``settings``: (uncond +) cond, plus a row per SEG / PAG branch."""
+        cfg = _positive(settings.guidance_scale - 1) and self.pipeline("none").unet.config.time_cond_proj_dim is None
+        return images * (2 if cfg else 1) + _positive(settings.seg_scale) + _positive(settings.pag_scale)
+
+    def check_budget(self, settings: Settings, rows: int | None = None, sag_images: int | None = None) -> None:
+        """ValueError naming the limit when ``settings`` ask more of this model than the server allows."""
+        rows = self.request_rows(settings) if rows is None else rows
+        sag_images = _positive(settings.sag_scale) if sag_images is None else sag_images
+        self.model_limits.check(settings.width, settings.height, rows, sag_images, settings.control_type != "none")
 
     @property
     def default_steps(self) -> int:
@@ -662,9 +688,6 @@ class Studio:
             value = getattr(settings, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_SIDE or value % 8:
                 raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_SIDE}], got {value!r}")
-        if settings.width * settings.height > limits.max_pixels:
-            raise ValueError(f"width x height must be at most {limits.max_pixels} pixels on this server, got "
-                             f"{settings.width}x{settings.height} = {settings.width * settings.height}")
         for name in ("prompt", "negative_prompt"):
             value = getattr(settings, name)
             if not isinstance(value, str):
@@ -679,6 +702,7 @@ class Studio:
                 raise ValueError(f"unknown attention layer {layer[:16]!r}... (layer names are short: mid, d4, u0)")
         resolve_layers(self.pipeline("none").unet, settings.seg_applied_layers)  # unknown names: ValueError
         settings.model = self.model_id
+        self.check_budget(settings)
         return settings
 
     def control_map(self, control_type: str, image, width: int, height: int) -> Image.Image | None:
@@ -730,6 +754,11 @@ class Studio:
             (f"SEG (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})",
              dict(pag_scale=0.0, sag_scale=0.0)),
         ]
+        vanilla = dataclasses.replace(settings, seg_scale=0.0, pag_scale=0.0)
+        if one_loop:  # every image's rows in one call; SAG's map on each image's first row
+            self.check_budget(settings, self.request_rows(vanilla, images=len(variants)) + 2, len(variants))
+        else:
+            self.check_budget(vanilla, self.request_rows(vanilla) + 1, 1)
         control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
         _stamp_control(settings, control)
         steps = _StepCounter(settings.steps * len(variants), progress, should_stop)
@@ -810,6 +839,8 @@ class Studio:
         if runs_total > max_runs:
             raise ValueError(f"a sweep may have at most {max_runs} images, got "
                              f"{len(sigmas)} sigmas x {len(row_values)} rows = {runs_total}")
+        for value in row_values:
+            self.check_budget(dataclasses.replace(settings, **({row_axis: float(value)} if row_axis else {})))
         control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
         _stamp_control(settings, control)
         steps = _StepCounter(settings.steps * runs_total, progress, should_stop)
@@ -872,6 +903,11 @@ class Studio:
         path = os.path.join(self.output_dir, f"{number:05d}-{stem}-seed{settings.seed}.png")
         image.save(path, format="PNG", pnginfo=png_info(settings, extra))
         return path
+
+
+def _positive(value) -> int:
+    """1 for a number > 0, else 0 (a bad value is named later, by the pipeline's own checks)."""
+    return int(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
 
 
 def _short_error(error: Exception) -> str:

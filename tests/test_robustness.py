@@ -142,7 +142,8 @@ def small_studio():
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(width=72, height=64), r"width x height must be at most 4096 pixels on this server, got 72x64 = 4608"),
+    (dict(width=72, height=64), r"width x height must be at most 4096 pixels \(64x64\) for this model on this server \(the operator's "
+                                 r"--max-pixels\), got 72x64 = 4608"),
     (dict(width=0), r"width must be a multiple of 8 in \[8, 4096\], got 0"),
     (dict(height=60), r"height must be a multiple of 8 in \[8, 4096\], got 60"),
     (dict(width=float("nan")), r"width must be a multiple of 8 .* got nan"),
@@ -209,7 +210,8 @@ def raw_call(url: str, api_name: str, **data):
 
 
 @pytest.mark.parametrize("bad, named", [
-    (dict(width=2048, height=2056), "at most 4194304 pixels on this server, got 2048x2056"),
+    (dict(width=2048, height=2056), "at most 16384 pixels (128x128) for this model on this server (4x the area "
+                                   "of its largest training size), got 2048x2056"),
     (dict(width=4104), "width must be a multiple of 8 in [8, 4096], got 4104"),
     (dict(steps=10**6), "steps must be an integer in [1, 150], got 1000000"),
     (dict(prompt="x" * 1001), "prompt must be at most 1000 characters, got 1001"),
@@ -344,7 +346,7 @@ def test_upload_size_limit_and_operator_limits_in_the_app():
     assert "size" in str(error.value).lower() or "MB" in str(error.value)
     with pytest.raises(AppError, match=r"steps must be an integer in \[1, 3\], got 4"):
         client.predict(prompt="", steps=4, api_name="/generate")
-    with pytest.raises(AppError, match="at most 4096 pixels on this server"):
+    with pytest.raises(AppError, match="at most 4096 pixels .64x64. for this model on this server"):
         client.predict(prompt="", steps=1, width=72, api_name="/generate")
     _, info = client.predict(prompt="", seed=5, steps=1, api_name="/generate")
     assert info["seed"] == 5
