@@ -68,6 +68,11 @@ STYLE = """<style>
 #result img, #compare-slider img, #control-map img { image-rendering: pixelated; width: 100%; height: 100%;
   object-fit: contain; }
 #compare-gallery img { image-rendering: pixelated; }
+@media (max-width: 760px) {  /* a phone: results (tabs, buttons) above the settings, the gallery 2 x 2 */
+  #outputs { order: -1; }
+  #compare-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
+  #compare-gallery, #compare-gallery .grid-wrap { height: auto !important; max-height: none !important; }
+}
 </style>"""
 
 BANNER_STYLE = ("border: 2px solid #e0a800; background: #fff8e1; color: #5d4300; border-radius: 8px; "
@@ -83,10 +88,19 @@ def banner_html(markdown: str) -> str:
     return f"<div role='alert' style='{BANNER_STYLE}'>{paragraphs}</div>"
 
 
+#: The σ slider is in log2 σ; its top, 2^14 > 9999, is infinite as for the authors (seg_core.parse_sigma).
+LOG2_SIGMA_MAX = 14.0
+LOG2_SIGMA_DEFAULT = 4.0  # σ 16, where unticking "infinite σ" starts
+
+
 def sigma_label(log2_sigma: float, infinite: bool) -> str:
-    if infinite:
-        return "Blur σ = ∞ (untick 'infinite' to use the slider)"
-    return f"Blur σ = {2 ** log2_sigma:.4g}   (slider in log₂ σ: 0 → 1, 2 → 4, 4 → 16, ...)"
+    if infinite or log2_sigma >= LOG2_SIGMA_MAX:
+        return "Blur σ = ∞ (slider at its top, 14; move it for a finite σ)"
+    return f"Blur σ = {2 ** log2_sigma:.4g}   (slider in log₂ σ: 0 → 1, 2 → 4, 4 → 16, ...; 14 = ∞)"
+
+
+def sigma_from_ui(log2_sigma: float, infinite: bool) -> float:
+    return math.inf if infinite or float(log2_sigma) >= LOG2_SIGMA_MAX else 2.0 ** float(log2_sigma)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -250,7 +264,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
             prompt=values["prompt"], negative_prompt=values["negative_prompt"], seed=seed,
             steps=int(values["steps"]), width=width, height=height,
             guidance_scale=float(values["guidance_scale"]), seg_scale=float(values["seg_scale"]),
-            seg_blur_sigma=math.inf if values["infinite_sigma"] else 2.0 ** float(values["log2_sigma"]),
+            seg_blur_sigma=sigma_from_ui(values["log2_sigma"], values["infinite_sigma"]),
             seg_applied_layers=values["applied_layers"],
             perturbation_guidance_start=float(values["guidance_start"]),
             perturbation_guidance_end=float(values["guidance_end"]),
@@ -290,8 +304,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                        one_loop=bool(one_loop))
         paths = {run.label: run.path for run in runs}
         labels = list(paths)
-        gallery = [(run.path, f"{run.label} · {'' if run.one_loop else f'{run.seconds:.2f} s · '}"
-                              f"{run.unet_evaluations} UNet evals") for run in runs]
+        gallery = [(run.path, run.label) for run in runs]  # times and UNet evaluations: in the table
         how = (f"all four in one loop, {runs[0].seconds:.2f} s in all" if runs[0].one_loop
                else "one after another")
         return (
@@ -412,10 +425,12 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                     seg_scale = gr.Slider(0, 10, value=3.0, step=0.1, label="SEG scale",
                                           info="the authors keep 3 and vary σ", elem_id="seg-scale")
                     guidance_scale = gr.Slider(1, 15, value=studio.profile.guidance_scale, step=0.5, label="CFG scale",
-                                               info="1 = no CFG (the authors' setting)", elem_id="cfg-scale")
+                                               info=f"1 = no CFG, as in the paper's tables; "
+                                                    f"{studio.profile.guidance_scale:g} suits this model",
+                                               elem_id="cfg-scale")
                 with gr.Row():
-                    log2_sigma = gr.Slider(0, 13, value=4, step=0.5, label=sigma_label(4, True),
-                                           elem_id="log2-sigma", scale=3)
+                    log2_sigma = gr.Slider(0, LOG2_SIGMA_MAX, value=LOG2_SIGMA_MAX, step=0.5,
+                                           label=sigma_label(LOG2_SIGMA_MAX, True), elem_id="log2-sigma", scale=3)
                     infinite_sigma = gr.Checkbox(value=True, label="infinite σ", elem_id="infinite-sigma",
                                                  scale=1, min_width=100)
                 with gr.Row():
@@ -457,7 +472,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                     controlnet_conditioning_scale = gr.Slider(0, 2, value=1.0, step=0.05,
                                                               label="ControlNet conditioning scale")
 
-            with gr.Column(scale=3, min_width=400):
+            with gr.Column(scale=3, min_width=340, elem_id="outputs"):
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate"):
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
@@ -465,11 +480,12 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                           interactive=False, height=512, elem_id="result")
                         result_info = gr.Markdown(elem_id="result-info")
                     with gr.Tab("Compare", id="compare"):
-                        compare_button = gr.Button("Compare vanilla SDXL · SAG · PAG · SEG", variant="primary",
+                        compare_button = gr.Button(f"Compare {studio.vanilla_label.lower()} · SAG · PAG · SEG", variant="primary",
                                                    elem_id="compare-button")
                         one_loop = gr.Checkbox(studio.pipeline().device.type == "cuda", elem_id="one-loop",
-                                               label="All four in one loop (the same images; faster on a GPU, "
-                                                     "but one time for all four)")
+                                               label="All four in one loop (faster on a GPU, one time for all "
+                                                     "four; the same images up to float rounding: a pixel may "
+                                                     "differ by 1/255)")
                         gallery = gr.Gallery(label="Same seed, same settings", columns=4, rows=1, type="filepath",
                                              format="png", object_fit="contain", height=230,
                                              elem_id="compare-gallery")
@@ -488,8 +504,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                             sweep_axis = gr.Radio(list(SWEEP_AXES), value="none", label="Second axis (rows)")
                             sweep_values = gr.Textbox("1, 3, 5", label="Second axis values")
                         sweep_button = gr.Button("Sweep", variant="primary", elem_id="sweep-button")
-                        grid = gr.Image(label="Sweep (PNG with settings)", type="filepath", format="png",
-                                        interactive=False, elem_id="sweep-grid")
+                        # No label over the grid: it would hide the grid's own title (seed and prompt).
+                        grid = gr.Image(label="Sweep (PNG with settings)", show_label=False, type="filepath",
+                                        format="png", interactive=False, elem_id="sweep-grid")
                         grid_file = gr.File(label="Download the grid")
                         sweep_info = gr.Markdown()
 
@@ -521,7 +538,11 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         right.change(show_pair, [compare_paths, left, right], pair, api_visibility="private")
         for trigger in (control_type.change, control_image.change, size.change):
             trigger(ui_control_map, [control_type, control_image, size], control_map, api_visibility="private")
-        log2_sigma.input(lambda: False, None, infinite_sigma, api_visibility="private", queue=False)
+        # One σ on screen: the box and the tick agree (the slider's top is ∞).
+        log2_sigma.input(lambda v: v >= LOG2_SIGMA_MAX, log2_sigma, infinite_sigma, api_visibility="private",
+                         queue=False)
+        infinite_sigma.input(lambda inf, v: LOG2_SIGMA_MAX if inf else (LOG2_SIGMA_DEFAULT if v >= LOG2_SIGMA_MAX else v),
+                             [infinite_sigma, log2_sigma], log2_sigma, api_visibility="private", queue=False)
         for component in (log2_sigma, infinite_sigma):
             component.change(lambda v, inf: gr.update(label=sigma_label(v, inf)), [log2_sigma, infinite_sigma],
                              log2_sigma, api_visibility="private", queue=False)

@@ -157,8 +157,11 @@ def depth_map(image: Image.Image) -> Image.Image:
                 DPTImageProcessor.from_pretrained(DEPTH_ESTIMATOR),
                 DPTForDepthEstimation.from_pretrained(DEPTH_ESTIMATOR).eval(),
             )
-        except Exception as error:  # no network, no cache
-            raise RuntimeError(f"the depth estimator {DEPTH_ESTIMATOR} could not be loaded: {error}") from error
+        except Exception as error:  # no network, no cache: the loader's paragraphs go to the log only
+            logger.warning("depth estimator %s: %s", DEPTH_ESTIMATOR, error)
+            raise RuntimeError(f"control_type 'depth' is not available on this server: its depth estimator "
+                               f"{DEPTH_ESTIMATOR} could not be loaded ({type(error).__name__}); use 'canny' "
+                               f"or 'none'") from None
     processor, estimator = _depth_models[DEPTH_ESTIMATOR]
     rgb = image.convert("RGB")
     with torch.no_grad():

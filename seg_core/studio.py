@@ -34,6 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from .blur import INFINITE_SIGMA_THRESHOLD
 from .attention import resolve_layers
 from .compare import side_by_side
+from .methods import check_scale
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
 from . import embedded
 from .limits import Geometry, ModelLimits
@@ -294,12 +295,13 @@ def parse_layers(value) -> list[str]:
 
 
 def resolve_seed(seed) -> int:
-    """The seed to use: a random one for None or a negative number."""
+    """The seed to use: a random one for None or -1."""
     if isinstance(seed, float) and not math.isfinite(seed):
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
-    if seed is None or (isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed < 0):
+    if seed is None or (isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed == -1):
         return random.randint(0, MAX_SEED)
-    if isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed) or seed > MAX_SEED:
+    if (isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed) or seed < 0
+            or seed > MAX_SEED):
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
     return int(seed)
 
@@ -384,7 +386,12 @@ class Settings:
 def png_info(settings: Settings, extra: dict | None = None) -> PngInfo:
     info = PngInfo()
     data = settings.to_dict() | (extra or {})
-    info.add_text(PNG_PARAMETERS_KEY, settings.describe())
+    text = settings.describe()
+    if extra and "sweep" in extra:  # a grid: its axes replace the single values they vary
+        axes = [extra["sweep"]["columns"], extra["sweep"]["rows"]]
+        text += "\n" + ", ".join(f"Sweep {where}: {axis['axis']} = {', '.join(str(v) for v in axis['values'])}"
+                                for where, axis in zip(("columns", "rows"), axes) if axis["axis"])
+    info.add_text(PNG_PARAMETERS_KEY, text)
     info.add_text(PNG_SETTINGS_KEY, json.dumps(data))
     info.add_text("Software", "seg_core studio (Smoothed Energy Guidance for SDXL)")
     return info
@@ -639,6 +646,11 @@ class Studio:
         self.model_limits.check(settings.width, settings.height, rows, sag_images, settings.control_type != "none")
 
     @property
+    def vanilla_label(self) -> str:
+        """"Vanilla SDXL" on SDXL models; the small offline models are SDXL's architecture, not SDXL."""
+        return "Vanilla" if self.model in OFFLINE_MODELS else "Vanilla SDXL"
+
+    @property
     def default_steps(self) -> int:
         return min(self.profile.steps, self.limits.max_steps)
 
@@ -677,6 +689,9 @@ class Studio:
         settings.control_type = settings.control_type or "none"
         if settings.control_type not in CONTROL_TYPES:
             raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {settings.control_type!r}")
+        # Checked even without a ControlNet: it is written into the PNG, and JSON has no NaN.
+        settings.controlnet_conditioning_scale = check_scale("controlnet_conditioning_scale",
+                                                             settings.controlnet_conditioning_scale, 10.0)
         for name in ("steps", "width", "height"):
             value = getattr(settings, name)
             if isinstance(value, float) and value.is_integer():
@@ -748,7 +763,7 @@ class Studio:
             raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
                              f"{sag_scale}, {pag_scale} and {settings.seg_scale}")
         variants = [
-            ("Vanilla SDXL", dict(seg_scale=0.0, pag_scale=0.0, sag_scale=0.0)),
+            (self.vanilla_label, dict(seg_scale=0.0, pag_scale=0.0, sag_scale=0.0)),
             (f"SAG (scale {sag_scale:g})", dict(seg_scale=0.0, pag_scale=0.0, sag_scale=sag_scale)),
             (f"PAG (scale {pag_scale:g})", dict(seg_scale=0.0, pag_scale=pag_scale, sag_scale=0.0)),
             (f"SEG (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})",
