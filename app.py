@@ -446,17 +446,18 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 with gr.Accordion("Advanced", open=False):
                     applied_layers = gr.Dropdown(
                         ["mid", "down", "up"], value=["mid"], multiselect=True, allow_custom_value=True,
-                        label="Applied layers (SEG, and PAG in Compare)",
+                        label="Applied layers (SEG, and PAG in Compare)", elem_id="applied-layers",
                         info="mid, down, up, or single self-attention layers such as m0, d4, u0",
                     )
                     with gr.Row():
-                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05,
+                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05, elem_id="guidance-start",
                                                    label="Guidance from (fraction of steps)")
-                        guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance until")
+                        guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance until",
+                                                 elem_id="guidance-end")
                     with gr.Row():
                         sag_scale = gr.Slider(0.05, 5, value=1.0, step=0.05, label="SAG scale (Compare)",
-                                              info="the paper compares with 1.0")
-                        pag_scale = gr.Slider(0.1, 10, value=3.0, step=0.1, label="PAG scale (Compare)")
+                                              info="the paper compares with 1.0", elem_id="sag-scale")
+                        pag_scale = gr.Slider(0.1, 10, value=3.0, step=0.1, label="PAG scale (Compare)", elem_id="pag-scale")
                 with gr.Accordion("ControlNet", open=False):
                     control_type = gr.Radio(control_choices, value="none", label="ControlNet", elem_id="control-type",
                                             info=None if "depth" in control_choices else
@@ -468,9 +469,11 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         control_map = gr.Image(label="Control map (what the ControlNet sees)", interactive=False,
                                                height=200, format="png", elem_id="control-map")
                     if control_examples:
-                        gr.Examples(control_examples, inputs=[control_image], label="Example control images")
+                        gr.Examples(control_examples, inputs=[control_image], label="Example control images",
+                                    elem_id="control-examples")
                     controlnet_conditioning_scale = gr.Slider(0, 2, value=1.0, step=0.05,
-                                                              label="ControlNet conditioning scale")
+                                                              label="ControlNet conditioning scale",
+                                                              elem_id="controlnet-scale")
 
             with gr.Column(scale=3, min_width=340, elem_id="outputs"):
                 with gr.Tabs():
@@ -501,8 +504,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         sweep_sigmas = gr.Textbox("1, 4, 16, 64, inf", label="Blur σ values (columns)",
                                                   info="comma-separated; inf = infinite", elem_id="sweep-sigmas")
                         with gr.Row():
-                            sweep_axis = gr.Radio(list(SWEEP_AXES), value="none", label="Second axis (rows)")
-                            sweep_values = gr.Textbox("1, 3, 5", label="Second axis values")
+                            sweep_axis = gr.Radio(list(SWEEP_AXES), value="none", label="Second axis (rows)",
+                                                  elem_id="sweep-axis")
+                            sweep_values = gr.Textbox("1, 3, 5", label="Second axis values", elem_id="sweep-values")
                         sweep_button = gr.Button("Sweep", variant="primary", elem_id="sweep-button")
                         # No label over the grid: it would hide the grid's own title (seed and prompt).
                         grid = gr.Image(label="Sweep (PNG with settings)", show_label=False, type="filepath",
@@ -514,6 +518,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         if studio.profile.prompts:  # a model that knows only its own prompts
             examples = [[p, "", studio.profile.guidance_scale] for p in studio.profile.prompts] + [["", "", 1.0]]
         gr.Examples(examples, inputs=[prompt, negative_prompt, guidance_scale], cache_examples=False,
+                    elem_id="prompt-examples",
                     label="Examples (the empty prompt is unconditional generation)")
 
         # ---- events ---------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ route is covered, public or private, including ones added later:
 - ``/gradio_api/call/<name>`` (and ``/run``, ``/api``) answer only for the public API names: Gradio 6
   serves every named handler there, ``api_visibility="private"`` only hides it from the docs.
 
-The browser's own route (``/gradio_api/queue/join`` with a handler's index) cannot be told apart from a
-browser, so the UI handlers take only what the checks above let through.
+The browser's own routes (``/gradio_api/queue/join``, and ``/gradio_api/run/predict`` for unqueued
+handlers, each with a handler's index) cannot be told apart from a browser, so the UI handlers take only
+what the checks above let through.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Callable, Iterable
 #: The one answer to a file payload that is not an upload of this server (same for any path).
 FILE_REFUSED = ("control_image must be an image uploaded with the request (gradio_client: handle_file(path)); "
                 "this server opens no path and fetches no URL that a request names")
+#: ``/gradio_api/run/predict``: how the browser runs an unqueued handler (by its index, as queue/join).
+BROWSER_ROUTES = {"predict"}
 _API_ROUTE = re.compile(r"^(?:/gradio_api)?/(?:call/v2|call|run|api)/([^/]+)/?")
 _JSON_ROUTES = re.compile(r"^(?:/gradio_api)?/(?:queue/join|call/|run/|api/|component_server)")
 
@@ -79,7 +82,7 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         api = _API_ROUTE.match(path)
-        if api and api.group(1) not in self.public_api():
+        if api and api.group(1) not in self.public_api() | BROWSER_ROUTES:
             names = ", ".join(f"/{name}" for name in sorted(self.public_api()))
             return await _refuse(send, 404, f"no API endpoint /{api.group(1)}; this server's API: {names}")
         length = dict(scope.get("headers") or []).get(b"content-length")

@@ -166,6 +166,7 @@ def test_ui_handlers_are_not_api(server, route):
     demo, url = server
     public = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert public == {"generate", "compare", "sweep"}
+    assert "predict" not in {fn.api_name for fn in demo.fns.values()}  # the browser's route: no handler's name
     for fn in demo.fns.values():
         if fn.api_visibility == "public":
             continue
