@@ -33,6 +33,7 @@ from pydantic import ConfigDict, model_validator
 from gradio_client.utils import is_http_url_like
 
 from seg_core.guard import FILE_REFUSED, RequestGuard, is_upload
+from seg_core.methods import check_scale
 from seg_core.studio import (
     CONTROL_TYPES,
     GPU,
@@ -374,7 +375,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         in one denoising loop with batched UNet calls (same images; faster on a GPU; one time for all)."""
         values = locals()
         sag, pag, one_loop = values.pop("sag_scale"), values.pop("pag_scale"), values.pop("one_loop")
-        sag, pag = 1.0 if sag is None else float(sag), 3.0 if pag is None else float(pag)
+        sag = check_scale("sag_scale", 1.0 if sag is None else sag)
+        pag = check_scale("pag_scale", 3.0 if pag is None else pag)
         if not isinstance(one_loop, bool):
             raise gr.Error(f"one_loop must be true or false, got {one_loop!r}", print_exception=False)
         settings, image = api_settings(values)
@@ -394,6 +396,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         values = locals()
         sigmas = parse_values(values.pop("seg_blur_sigmas"), "seg_blur_sigmas", parse_sigma)
         axis = values.pop("second_axis") or "none"
+        if axis not in ("none", *SWEEP_AXES.values()):
+            raise ValueError(f"second_axis must be 'none', 'seg_scale' or 'guidance_scale', got {axis!r}")
         axis_values = values.pop("second_axis_values")
         axis_values = parse_values(axis_values, "second_axis_values") if axis != "none" else []
         settings, image = api_settings(values)

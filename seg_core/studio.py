@@ -34,7 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from .blur import INFINITE_SIGMA_THRESHOLD
 from .attention import resolve_layers
 from .compare import side_by_side
-from .methods import check_scale
+from .methods import check_interval, check_scale
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
 from . import embedded
 from .limits import Geometry, ModelLimits
@@ -689,9 +689,13 @@ class Studio:
         settings.control_type = settings.control_type or "none"
         if settings.control_type not in CONTROL_TYPES:
             raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {settings.control_type!r}")
-        # Checked even without a ControlNet: it is written into the PNG, and JSON has no NaN.
+        # Checked here, not only by the pipeline: the limits read them first, and the PNG's JSON has no NaN
+        # (the conditioning scale is written even without a ControlNet).
         settings.controlnet_conditioning_scale = check_scale("controlnet_conditioning_scale",
                                                              settings.controlnet_conditioning_scale, 10.0)
+        for name in ("guidance_scale", "seg_scale", "pag_scale", "sag_scale"):
+            setattr(settings, name, check_scale(name, getattr(settings, name)))
+        check_interval(settings.perturbation_guidance_start, settings.perturbation_guidance_end, "perturbation_guidance")
         for name in ("steps", "width", "height"):
             value = getattr(settings, name)
             if isinstance(value, float) and value.is_integer():
