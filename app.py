@@ -426,16 +426,18 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
                                              max_length=limits.max_prompt_chars)
                 with gr.Row():
-                    seg_scale = gr.Slider(0, 10, value=3.0, step=0.1, label="SEG scale",
+                    seg_scale = gr.Slider(0, 10, value=studio.profile.seg_scale, step=0.1, label="SEG scale",
                                           info="the authors keep 3 and vary σ", elem_id="seg-scale")
                     guidance_scale = gr.Slider(1, 15, value=studio.profile.guidance_scale, step=0.5, label="CFG scale",
                                                info=f"1 = no CFG, as in the paper's tables; "
                                                     f"{studio.profile.guidance_scale:g} suits this model",
                                                elem_id="cfg-scale")
                 with gr.Row():
-                    log2_sigma = gr.Slider(0, LOG2_SIGMA_MAX, value=LOG2_SIGMA_MAX, step=0.5,
-                                           label=sigma_label(LOG2_SIGMA_MAX, True), elem_id="log2-sigma", scale=3)
-                    infinite_sigma = gr.Checkbox(value=True, label="infinite σ", elem_id="infinite-sigma",
+                    sigma = studio.profile.seg_blur_sigma
+                    start = LOG2_SIGMA_MAX if math.isinf(sigma) else math.log2(sigma)
+                    log2_sigma = gr.Slider(0, LOG2_SIGMA_MAX, value=start, step=0.5, scale=3,
+                                           label=sigma_label(start, math.isinf(sigma)), elem_id="log2-sigma")
+                    infinite_sigma = gr.Checkbox(value=math.isinf(sigma), label="infinite σ", elem_id="infinite-sigma",
                                                  scale=1, min_width=100)
                 with gr.Row():
                     size = gr.Dropdown(sizes, value=sizes[0][1], label="Size (width × height)", elem_id="size")
@@ -570,8 +572,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 "steps": lambda: gr.Number(studio.default_steps),
                 "width": lambda: gr.Number(default_w),
                 "height": lambda: gr.Number(default_h),
-                "guidance_scale": lambda: gr.Number(studio.profile.guidance_scale), "seg_scale": lambda: gr.Number(3.0),
-                "seg_blur_sigma": lambda: gr.Textbox("inf"),
+                "guidance_scale": lambda: gr.Number(studio.profile.guidance_scale),
+                "seg_scale": lambda: gr.Number(studio.profile.seg_scale),
+                "seg_blur_sigma": lambda: gr.Textbox(format_sigma(studio.profile.seg_blur_sigma)),
                 "seg_blur_sigmas": lambda: gr.Textbox("1, 4, 16, 64, inf"),
                 "second_axis": lambda: gr.Textbox("none"), "second_axis_values": lambda: gr.Textbox(""),
                 "seg_applied_layers": lambda: gr.Dropdown(["mid", "down", "up"], value=["mid"], multiselect=True,
