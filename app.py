@@ -26,11 +26,11 @@ import re
 from pathlib import Path
 
 import gradio as gr
-from starlette.middleware import Middleware
 from gradio.context import LocalContext
 from gradio.data_classes import ImageData
-from pydantic import ConfigDict, model_validator
 from gradio_client.utils import is_http_url_like
+from pydantic import ConfigDict, model_validator
+from starlette.middleware import Middleware
 
 from seg_core.guard import FILE_REFUSED, RequestGuard, is_upload
 from seg_core.methods import check_scale
@@ -177,6 +177,7 @@ class ControlImage(gr.Image):
     before it gets here, this is the second line."""
 
     is_template = True  # the frontend is gr.Image's
+    data_model = ControlImageData
 
     def __init__(self, *args, max_upload_mb: float = Limits.max_upload_mb, **kwargs):
         super().__init__(*args, type="filepath", **kwargs)
@@ -186,8 +187,6 @@ class ControlImage(gr.Image):
         # The frontend needs gr.Image's props (label, buttons, sources, ...), which Gradio collects from
         # the constructor's signature: ours has only *args / **kwargs.
         return super().get_config(cls or gr.Image)
-
-    data_model = ControlImageData
 
     def example_inputs(self):
         return {"path": "assets/control_house.png", "meta": {"_type": "gradio.FileData"},

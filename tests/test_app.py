@@ -236,7 +236,7 @@ def test_progress_counts_every_step_of_a_request_and_one_lock_per_model():
     calls = []
     studio.compare(studio.settings(prompt="", seed=0, steps=2), progress=lambda *call: calls.append(call))
     assert [done for done, _, _ in calls] == list(range(1, 9)) and {total for _, total, _ in calls} == {8}
-    assert calls[0][2] == "Vanilla SDXL" and calls[-1][2].startswith("SEG")
+    assert calls[0][2] == "Vanilla" and calls[-1][2].startswith("SEG")
 
 
 # ---- the demo's images equal direct library calls (no setting dropped on the way) -------------------
