@@ -106,7 +106,7 @@ def ui_inputs(name, control_image):
     if name == "ui_control_map":
         return ["canny", control_image, "64x64"]
     common = ["", "", 0, False, "64x64", 1, 1.0, 3.0, 4.0, True, ["mid"], 0.0, 1.0, "canny", control_image, 1.0]
-    extra = {"ui_generate": [], "ui_compare": [1.0, 3.0, False], "ui_sweep": ["inf", "none", ""]}[name]
+    extra = {"ui_generate": [1], "ui_compare": [1.0, 3.0, False], "ui_sweep": ["inf", "none", ""]}[name]
     return common + extra
 
 

@@ -235,7 +235,7 @@ def test_example_control_image_and_prompt_example(ui):
     page.get_by_role("tab", name="Generate").click()
     page.locator("#control-examples img").first.click()  # the house
     page.wait_for_timeout(1500)
-    page.locator("#prompt-examples").get_by_text("a jellyfish playing the drums").click()
+    page.locator("#examples").get_by_text("a jellyfish playing the drums").click()
     page.wait_for_function("document.querySelector('#prompt textarea').value === 'a jellyfish playing the drums'")
     ui.click_and_wait_for_image("#generate-button", "#result")
     settings = dict(prompt="a jellyfish playing the drums", negative_prompt=None, seed=5, num_inference_steps=3,
