@@ -556,7 +556,7 @@ READABLE_REFUSALS = [
     ("generate", dict(width=512, height=512), "at most 16384 pixels (128x128) for this model on this server"),
     ("generate", dict(control_type="depth", control_image={
         "url": "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (32, 32)))).decode()}),
-     "control_type 'depth' is not available on this server"),
+     "depth needs its estimator's weights"),
     ("compare", dict(sag_scale="x"), "sag_scale must be a finite number in [0, 100], got 'x'"),
     ("compare", dict(one_loop="yes"), "one_loop must be true or false, got 'yes'"),
     ("sweep", dict(second_axis=5), "second_axis must be 'none', 'seg_scale' or 'guidance_scale', got '5'"),
