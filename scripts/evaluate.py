@@ -43,6 +43,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,7 +82,9 @@ def conditional_rows(cfg_scale: float) -> list[Row]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", choices=("embedded", "sdxl"), default="embedded")
+    p.add_argument("--protocol", choices=("embedded", "scales", "sdxl"), default="embedded",
+                   help="embedded: Tables 1 and 2 on the embedded model; scales: every method over a range of "
+                        "scales on the embedded model; sdxl: the paper's protocol")
     p.add_argument("--model", default=None, help="model name or folder (default: the embedded model, or 'sdxl')")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=3.0)
@@ -98,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", type=int, default=1000, help="real images for the Frechet distance")
     p.add_argument("--write", default=None, help="markdown file whose eval block receives the tables")
     p.add_argument("--grid", default=None, help="save a PNG grid of samples per method here")
+    p.add_argument("--plot", default=None, help="--protocol scales: save the curves as a PNG here")
+    p.add_argument("--write-json", default=None, help="--protocol scales: save every measured point here")
     # sdxl protocol
     p.add_argument("--captions", default=None, help="text file, one caption per line")
     p.add_argument("--reference-dir", default=None, help="folder of real images for FID")
@@ -115,7 +120,7 @@ def parse_args(argv=None):
 def model_and_size(args) -> tuple[str, int]:
     from seg_core.embedded import EMBEDDED_DIR, SIZE
 
-    model = args.model or ("embedded" if args.protocol == "embedded" else "sdxl")
+    model = args.model or ("sdxl" if args.protocol == "sdxl" else "embedded")
     embedded = model == "embedded" or Path(model).resolve() == EMBEDDED_DIR
     return model, args.size or (SIZE if embedded else 1024)
 
@@ -155,23 +160,36 @@ def conditional_labels(count: int) -> list[tuple[str, str, str]]:
     return [shapes.LABELS[k * len(shapes.LABELS) // count] for k in range(count)]
 
 
-def run_embedded(args, state) -> str | None:
-    from seg_core.embedded import load_classifier
-
+def shape_sets(args) -> tuple[list, dict[str, tuple[list[str], list[int]]]]:
+    """The captions' labels, and the (prompts, seeds) of the unconditional and the conditional images."""
     n = args.unconditional
     labels = conditional_labels(args.conditional or len(shapes.LABELS) * args.per_prompt)
     first = args.seed + CONDITIONAL_SEED_OFFSET
-    table1_jobs = row_jobs(UNCONDITIONAL, [""] * n, list(range(args.seed, args.seed + n)))
-    table2_jobs = row_jobs(conditional_rows(args.cfg_scale), [shapes.caption(*label) for label in labels],
-                           list(range(first, first + len(labels))))
-    run_dir, summary = generate(args, state, [j for js in (*table1_jobs.values(), *table2_jobs.values()) for j in js])
-    if not state.is_main_process:
-        return None
+    return labels, {"unconditional": ([""] * n, list(range(args.seed, args.seed + n))),
+                    "conditional": ([shapes.caption(*label) for label in labels],
+                                    list(range(first, first + len(labels))))}
+
+
+def shape_judge(args):
+    """The shapes classifier, its judges, and the features of --reference real images."""
+    from seg_core.embedded import load_classifier
 
     classifier = load_classifier()
     judge = evaluation.shape_judges(classifier)
     real, _ = shapes.sample(args.reference, seed=REFERENCE_SEED)
-    real_features = evaluation.in_chunks(judge.features, real)
+    return classifier, judge, evaluation.in_chunks(judge.features, real)
+
+
+def run_embedded(args, state) -> str | None:
+    labels, sets = shape_sets(args)
+    n = args.unconditional
+    table1_jobs = row_jobs(UNCONDITIONAL, *sets["unconditional"])
+    table2_jobs = row_jobs(conditional_rows(args.cfg_scale), *sets["conditional"])
+    run_dir, summary = generate(args, state, [j for js in (*table1_jobs.values(), *table2_jobs.values()) for j in js])
+    if not state.is_main_process:
+        return None
+
+    classifier, judge, real_features = shape_judge(args)
     real_again, _ = shapes.sample(max(n, len(labels)), seed=REFERENCE_SEED + 1)
     grid_rows = {}
 
@@ -223,6 +241,160 @@ def save_grid(rows: dict[str, np.ndarray], path: str, scale: int = 2) -> None:
             grid.paste(tile, (label_width + c * (size + 2), r * (size + 2)))
     grid.save(path)
     print(f"samples grid -> {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Scales as curves (embedded model): every method over a range of scales
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One method over scales: ``key`` takes each of ``scales`` on top of ``fixed``; ``off`` is the
+    scale at which the method is off (its point is the plain row of ``fixed``)."""
+
+    name: str
+    key: str
+    scales: tuple
+    authors: float | None  # the scale the authors use on SDXL (the paper's tables; CFG: SDXL's 5.0)
+    fixed: dict = field(default_factory=dict)
+    unconditional: bool = True  # also swept without a prompt
+    off: float = 0.0
+
+    def rows(self) -> list[tuple[float, Row]]:
+        points = [(self.off, Row(f"{self.name} off", dict(self.fixed)))]
+        return points + [(s, Row(f"{self.name} {s:g}", {**self.fixed, self.key: s})) for s in self.scales]
+
+
+GUIDANCE_SCALES = (0.5, 1.0, 2.0, 3.0, 5.0)
+CURVES = [
+    *[Curve(f"SEG sigma={sigma:g}", "seg_scale", GUIDANCE_SCALES, 3.0, {"seg_blur_sigma": sigma})
+      for sigma in (1.0, 2.0, 10.0, math.inf)],
+    Curve("PAG", "pag_scale", GUIDANCE_SCALES, 3.0),
+    Curve("SAG", "sag_scale", (0.25, 0.5, 1.0, 2.0, 3.0), 1.0),
+    Curve("CFG", "guidance_scale", (1.5, 2.0, 3.0, 5.0, 7.0), 5.0, unconditional=False, off=1.0),
+    *[Curve(f"CFG {w:g} + SEG sigma=inf", "seg_scale", GUIDANCE_SCALES, 3.0,
+            {"guidance_scale": w, "seg_blur_sigma": math.inf}, unconditional=False) for w in (3.0, 5.0)],
+]
+
+
+def run_scales(args, state) -> str | None:
+    """FD (unconditional and conditional) and prompt accuracy against scale, for every curve."""
+    import json
+
+    labels, sets = shape_sets(args)
+    points = {name: {} for name in sets}  # set -> row folder -> jobs
+    for curve in CURVES:
+        for name, (prompts, seeds) in sets.items():
+            if name == "conditional" or curve.unconditional:
+                for _, row in curve.rows():
+                    points[name].setdefault(row.folder, evaluation.jobs(row, prompts, seeds))
+    run_dir, summary = generate(args, state, [j for rows in points.values() for js in rows.values() for j in js])
+    if not state.is_main_process:
+        return None
+
+    classifier, judge, real_features = shape_judge(args)
+    measured = {}  # (set, folder) -> {"fd": .., "accuracy": ..}
+    for name, rows in points.items():
+        for folder, jobs in rows.items():
+            images = evaluation.load_images(jobs, run_dir)
+            fd = evaluation.frechet_distance(evaluation.in_chunks(judge.features, images), real_features)
+            measured[name, folder] = {"fd": fd}
+            if name == "conditional":
+                measured[name, folder]["accuracy"] = evaluation.prompt_accuracy(classifier, images, labels)[0]
+    curves = {}
+    for curve in CURVES:
+        curves[curve.name] = {"authors": curve.authors, "scales": [s for s, _ in curve.rows()]}
+        for name in sets:
+            if name == "conditional" or curve.unconditional:
+                for metric in ("fd", "accuracy") if name == "conditional" else ("fd",):
+                    curves[curve.name][f"{name}_{metric}"] = [measured[name, row.folder][metric] for _, row in curve.rows()]
+    if args.write_json:
+        Path(args.write_json).write_text(json.dumps(curves, indent=1, default=str) + "\n")
+    if args.plot:
+        plot_curves(curves, args.plot)
+    return "\n".join([
+        f"Scale sweep on the embedded model, {args.steps} Euler steps: unconditional FD over {args.unconditional} "
+        f"images per point; conditional (no CFG unless named) FD and prompt accuracy over {len(labels)} images "
+        "per point (the 84 captions alike). Best = lowest FD / highest accuracy on these same images.", "",
+        *best_scale_table(curves), "", summary,
+    ])
+
+
+def best_scale_table(curves: dict) -> list[str]:
+    """Per curve: the value at the authors' scale and at the best scale, for each measure."""
+    measures = [("unconditional_fd", min, "{:.2f}"), ("conditional_fd", min, "{:.2f}"),
+                ("conditional_accuracy", max, "{:.1%}")]
+    head = "| Method | authors' scale | uncond. FD: authors' -> best (scale) | cond. FD: authors' -> best (scale) " \
+           "| prompt accuracy: authors' -> best (scale) |"
+    lines = [head, "|---|---|---|---|---|"]
+    for name, curve in curves.items():
+        cells = [name, f"{curve['authors']:g}"]
+        for key, pick, fmt in measures:
+            if key not in curve:
+                cells.append("-")
+                continue
+            values, scales = curve[key], curve["scales"]
+            best = values.index(pick(values))
+            at_authors = values[scales.index(curve["authors"])] if curve["authors"] in scales else None
+            authors_text = fmt.format(at_authors) if at_authors is not None else "-"
+            cells.append(f"{authors_text} -> **{fmt.format(values[best])}** ({scales[best]:g})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+CURVE_COLOURS = [(30, 60, 200), (70, 140, 230), (0, 170, 190), (120, 40, 170), (220, 120, 0), (0, 150, 60),
+                 (90, 90, 90), (200, 30, 30), (240, 110, 150)]
+
+
+def plot_curves(curves: dict, path: str) -> None:
+    """Three panels (unconditional FD, conditional FD, prompt accuracy against scale), drawn with PIL."""
+    from PIL import ImageDraw
+
+    panels = [("unconditional_fd", "FD, unconditional (lower is better)"),
+              ("conditional_fd", "FD, conditional (lower is better)"),
+              ("conditional_accuracy", "prompt accuracy, conditional (higher is better)")]
+    w, h, pad, legend = 430, 330, 50, 190
+    canvas = Image.new("RGB", (w * len(panels) + legend, h), "white")
+    pen = ImageDraw.Draw(canvas)
+    top = max(max(c["scales"]) for c in curves.values())
+    for p, (key, title) in enumerate(panels):
+        values = [v for c in curves.values() for v in c.get(key, [])]
+        lo, hi = min(values), max(values)
+        x0, y0, x1, y1 = p * w + pad, 26, (p + 1) * w - 14, h - 40
+
+        def xy(scale, value):
+            return (x0 + (x1 - x0) * scale / top, y1 - (y1 - y0) * (value - lo) / max(1e-9, hi - lo))
+
+        pen.rectangle([x0, y0, x1, y1], outline="black")
+        pen.text((x0, 6), title, fill="black")
+        fmt = "{:.0%}" if "accuracy" in key else "{:.1f}"
+        for value in np.linspace(lo, hi, 5):
+            y = xy(0, value)[1]
+            pen.line([(x0 - 4, y), (x0, y)], fill="black")
+            pen.text((x0 - 44, y - 6), fmt.format(value), fill="black")
+        for scale in range(0, int(top) + 1):
+            x = xy(scale, lo)[0]
+            pen.line([(x, y1), (x, y1 + 4)], fill="black")
+            pen.text((x - 3, y1 + 6), str(scale), fill="black")
+        pen.text((x1 - 40, y1 + 20), "scale", fill="black")
+        for colour, curve in zip(CURVE_COLOURS, curves.values()):
+            if key not in curve:
+                continue
+            line = [xy(s, v) for s, v in zip(curve["scales"], curve[key])]
+            pen.line(line, fill=colour, width=2)
+            for x, y in line:
+                pen.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+            if curve["authors"] in curve["scales"]:  # the authors' setting: a ring
+                x, y = line[curve["scales"].index(curve["authors"])]
+                pen.ellipse([x - 5, y - 5, x + 5, y + 5], outline=colour, width=2)
+    for i, (colour, name) in enumerate(zip(CURVE_COLOURS, curves)):
+        y = 30 + 18 * i
+        pen.line([(w * len(panels) + 8, y + 6), (w * len(panels) + 30, y + 6)], fill=colour, width=3)
+        pen.text((w * len(panels) + 36, y), name, fill="black")
+    pen.text((w * len(panels) + 8, 30 + 18 * len(curves) + 8), "ring: the authors' scale", fill="black")
+    canvas.save(path)
+    print(f"curves -> {path}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,14 +477,14 @@ def main(argv=None) -> None:
     if state.is_main_process:
         print(command, flush=True)
     started = time.time()
-    text = run_embedded(args, state) if args.protocol == "embedded" else run_sdxl(args, state)
+    text = {"embedded": run_embedded, "scales": run_scales, "sdxl": run_sdxl}[args.protocol](args, state)
     if not state.is_main_process:
         return
     text += f"\n\nCommand: `{command}` ({time.time() - started:.0f} s, {state.num_processes} process(es) x " \
             f"{torch.get_num_threads()} CPU thread(s){', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''})."
     print(text, flush=True)
     if args.write:
-        write_block(args.write, text)
+        write_block(args.write, text, "scales" if args.protocol == "scales" else "eval")
 
 
 if __name__ == "__main__":

@@ -201,3 +201,40 @@ def test_paper_protocol_runs_offline_with_injected_networks(tmp_path, judges):
 
 
 REAL_SEED = 21
+
+
+def load_script():
+    """scripts/evaluate.py as a module (registered, as its dataclasses need)."""
+    import importlib.util
+
+    if "evaluate_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["evaluate_script"]
+
+
+def test_best_scale_table_reports_the_authors_point_and_the_best():
+    curves = {"SEG sigma=inf": {"authors": 3.0, "scales": [0.0, 1.0, 3.0],
+                                "unconditional_fd": [23.5, 15.7, 23.4], "conditional_fd": [18.0, 16.0, 27.0],
+                                "conditional_accuracy": [0.04, 0.08, 0.05]},
+              "CFG": {"authors": 5.0, "scales": [1.0, 3.0, 5.0], "conditional_fd": [18.0, 11.0, 12.0],
+                      "conditional_accuracy": [0.04, 0.20, 0.22]}}
+    lines = load_script().best_scale_table(curves)
+    assert lines[2] == "| SEG sigma=inf | 3 | 23.40 -> **15.70** (1) | 27.00 -> **16.00** (1) | 5.0% -> **8.0%** (1) |"
+    assert lines[3] == "| CFG | 5 | - | 12.00 -> **11.00** (3) | 22.0% -> **22.0%** (5) |"
+
+
+def test_scales_protocol_plots_every_curve(tmp_path):
+    plot, points = tmp_path / "curves.png", tmp_path / "points.json"
+    result = evaluate(["--protocol", "scales", "--steps", "1", "--unconditional", "3", "--conditional", "3",
+                       "--reference", "32", "--batch", "3", "--out-dir", str(tmp_path / "out"), "--plot", str(plot),
+                       "--write-json", str(points)])
+    import json
+
+    curves = json.loads(points.read_text())
+    script = load_script()
+    assert list(curves) == [curve.name for curve in script.CURVES]
+    assert curves["PAG"]["scales"] == [0.0, *script.GUIDANCE_SCALES] and len(curves["PAG"]["unconditional_fd"]) == 6
+    assert "unconditional_fd" not in curves["CFG"] and curves["CFG"]["scales"][0] == 1.0
+    assert result.stdout.count("| SEG sigma=inf | 3 |") == 1 and Image.open(plot).size[0] > 1000
