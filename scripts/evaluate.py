@@ -190,7 +190,7 @@ def run_embedded(args, state) -> str | None:
         return None
 
     classifier, judge, real_features = shape_judge(args)
-    real_again, _ = shapes.sample(max(n, len(labels)), seed=REFERENCE_SEED + 1)
+    real_again, _ = shapes.sample(max(args.reference, n, len(labels)), seed=REFERENCE_SEED + 1)
     grid_rows = {}
 
     def fd(images):
@@ -338,7 +338,8 @@ def best_scale_table(curves: dict) -> list[str]:
             best = values.index(pick(values))
             at_authors = values[scales.index(curve["authors"])] if curve["authors"] in scales else None
             authors_text = fmt.format(at_authors) if at_authors is not None else "-"
-            cells.append(f"{authors_text} -> **{fmt.format(values[best])}** ({scales[best]:g})")
+            best_scale = "off" if best == 0 else f"{scales[best]:g}"  # the first point is the method off
+            cells.append(f"{authors_text} -> **{fmt.format(values[best])}** ({best_scale})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -472,7 +473,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     state = evaluation.distributed_state()
-    launcher = "accelerate launch ... " if state.num_processes > 1 else "python "
+    launcher = f"accelerate launch --multi_gpu --num_processes {state.num_processes} " if state.num_processes > 1 else "python "
     command = launcher + "scripts/evaluate.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if state.is_main_process:
         print(command, flush=True)
