@@ -374,7 +374,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
                                              max_length=limits.max_prompt_chars)
                 with gr.Row():
-                    seg_scale = gr.Slider(0, 10, value=3.0, step=0.1, label="SEG scale",
+                    seg_scale = gr.Slider(0, 10, value=studio.profile.seg_scale, step=0.1, label="SEG scale",
                                           info="the authors keep 3 and vary σ", elem_id="seg-scale")
                     guidance_scale = gr.Slider(1, 15, value=studio.profile.guidance_scale, step=0.5, label="CFG scale",
                                                info="1 = no CFG (the authors' setting)", elem_id="cfg-scale")
@@ -404,9 +404,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                                    label="Guidance from (fraction of steps)")
                         guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance until")
                     with gr.Row():
-                        sag_scale = gr.Slider(0.05, 5, value=1.0, step=0.05, label="SAG scale (Compare)",
+                        sag_scale = gr.Slider(0.05, 5, value=studio.profile.sag_scale, step=0.05, label="SAG scale (Compare)",
                                               info="the paper compares with 1.0")
-                        pag_scale = gr.Slider(0.1, 10, value=3.0, step=0.1, label="PAG scale (Compare)")
+                        pag_scale = gr.Slider(0.1, 10, value=studio.profile.pag_scale, step=0.1, label="PAG scale (Compare)")
                 with gr.Accordion("ControlNet", open=False):
                     control_type = gr.Radio(control_choices, value="none", label="ControlNet", elem_id="control-type",
                                             info=None if "depth" in control_choices else

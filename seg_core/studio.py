@@ -72,21 +72,27 @@ EMBEDDED_BANNER = (
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """What the demo shows for a model: its size menu, default steps and CFG scale, example prompts
-    (None: the demo's own) and banner."""
+    """What the demo shows for a model: its size menu, default steps and guidance scales (SDXL's: the
+    authors' SEG and PAG 3.0, SAG 1.0), example prompts (None: the demo's own) and banner."""
 
     sizes: list
     steps: int
     guidance_scale: float = 1.0
     prompts: tuple | None = None
     banner: str | None = None
+    seg_scale: float = 3.0
+    pag_scale: float = 3.0
+    sag_scale: float = 1.0
 
 
 PROFILES = {
     "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER),
-    # It follows prompts only with CFG (README: The embedded model); it was trained at one size.
-    "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS, guidance_scale=5.0,
-                             prompts=embedded.PROMPTS[::7], banner=EMBEDDED_BANNER),
+    # It follows prompts only with CFG (README: The embedded model); it was trained at one size; its
+    # scales come from the scale sweep (README: Scales as curves).
+    "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS,
+                             guidance_scale=embedded.GUIDANCE_SCALE, prompts=embedded.EXAMPLE_PROMPTS,
+                             banner=EMBEDDED_BANNER, seg_scale=embedded.SEG_SCALE,
+                             pag_scale=embedded.PAG_SCALE, sag_scale=embedded.SAG_SCALE),
 }
 SDXL_PROFILE = ModelProfile(SDXL_SIZES, 25)
 
