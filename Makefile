@@ -1,7 +1,7 @@
 # Two commands: `make demo` (set up and launch the app) and `make test` (set up and run the tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODEL ?= sdxl
+MODEL ?= auto
 ARGS ?=
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False

@@ -30,44 +30,35 @@ from gradio.context import LocalContext
 from gradio_client.utils import is_http_url_like
 
 from seg_core.studio import (
-    CONTROL_TYPES,
-    GPU,
     GenerationCancelled,
     Limits,
     Settings,
     Studio,
-    depth_available,
     format_sigma,
     parse_sigma,
     parse_values,
 )
+from seg_core.presets import model_for_hardware
+from seg_core.space import ABOUT, CITATION, LICENSE_NOTE, PAPER_URL, duplicate_hint, example_rows, rendered_examples
+from seg_core.zerogpu import GPU, in_gpu_worker
 
 logger = logging.getLogger("seg_app")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-PAPER_URL = "https://arxiv.org/abs/2408.00760"
 QUEUE_SIZE = 16  # requests waiting; more are refused with "queue is full"
 SWEEP_AXES = {"none": "none", "SEG scale": "seg_scale", "CFG scale": "guidance_scale"}
 
-# Prompts in the spirit of the paper's figures; the empty one is unconditional generation (Table 1).
-EXAMPLES = [
-    ["a jellyfish playing the drums", "", 1.0],
-    ["a corgi wearing a red scarf, sitting in a snowy forest", "", 1.0],
-    ["a vintage car parked in front of a small cottage, golden hour", "", 1.0],
-    ["a bowl of ramen on a wooden table, studio photograph", "blurry, low quality", 5.0],
-    ["", "", 1.0],
-]
-
-# Small results (the tiny model's 64 px) fill their frame with visible pixels. Sent through gr.HTML so that
-# build_demo() is complete without launch(css=...).
-STYLE = """<style>
+# Small results (the embedded model's 32 px, tiny's 64 px) fill their frame with visible pixels; SDXL's are
+# shown as they are. Sent through gr.HTML so that build_demo() is complete without launch(css=...).
+PIXELATED_STYLE = """<style>
 #result img, #compare-slider img, #control-map img { image-rendering: pixelated; width: 100%; height: 100%;
   object-fit: contain; }
-#compare-gallery img { image-rendering: pixelated; }
+#compare-gallery img, #result-images img { image-rendering: pixelated; }
 </style>"""
 
-BANNER_STYLE = ("border: 2px solid #e0a800; background: #fff8e1; color: #5d4300; border-radius: 8px; "
-                "padding: 8px 14px; line-height: 1.45")
+# Amber border, a translucent amber wash and the theme's own text colour: readable on light and dark themes.
+BANNER_STYLE = ("border: 2px solid #e0a800; background: rgba(224, 168, 0, 0.14); color: inherit; "
+                "border-radius: 8px; padding: 8px 14px; line-height: 1.45")
 
 
 def banner_html(markdown: str) -> str:
@@ -121,11 +112,13 @@ def cancellation_check():
 
     Gradio cannot stop a handler's thread; it drops a cancelled event from its running jobs and marks
     the event of a lost client as not alive. Generation polls this after every denoising step.
-    None outside a Gradio event (a direct call, or a ZeroGPU worker process).
+    None outside a Gradio event (a direct call), and in a ZeroGPU worker: there the queue is the copy
+    taken when the worker was forked, so it would call every later request cancelled; ZeroGPU bounds the
+    work itself (the request's duration, seg_core.zerogpu).
     """
     blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
     queue = getattr(blocks, "_queue", None)
-    if queue is None or event_id is None:
+    if queue is None or event_id is None or in_gpu_worker():
         return None
 
     def should_stop() -> bool:
@@ -171,6 +164,13 @@ class ControlImage(gr.Image):
         return payload.path
 
 
+def rendered_note(example: dict) -> str:
+    """The caption of an example's results shown before anyone clicks."""
+    what = f"“{example['prompt']}”" if example["prompt"] else "unconditional (no prompt)"
+    return (f"Rendered ahead on this model: {what}, seed **{example['seed']}**, {example['steps']} steps, "
+            f"CFG {example['guidance_scale']:g}. Run your own with the button above.")
+
+
 def progress_reporter(progress: gr.Progress):
     return lambda done, total, label: progress((done, total), desc=f"{label}: step {done}/{total}", unit="steps")
 
@@ -187,8 +187,9 @@ def run_table(runs) -> str:
 
 def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | None = None,
                limits: Limits | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
-    """The demo on ``model`` ("sdxl", "embedded", "tiny", a Hub id or a folder); when it cannot be loaded,
-    the embedded model (or tiny, without its weights) with a banner.
+    """The demo on ``model`` ("auto": SDXL with a GPU, else the embedded model; "sdxl", "embedded", "tiny",
+    a Hub id or a folder); when it cannot be loaded, the embedded model (or tiny, without its weights) with a
+    banner. Every model a request can use is loaded here, before ``launch()``.
 
     ``limits`` (seg_core.studio.Limits) bound every request; ``queue_size`` requests may wait, more are
     refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload size limit.
@@ -196,10 +197,15 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     """
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
-    studio = studio or Studio(model, device=device, limits=limits)
+    notice = None
+    if studio is None and model == "auto":
+        model, notice = model_for_hardware()
+        if notice:
+            logger.warning(re.sub(r"[*`]", "", notice))
+    studio = (studio or Studio(model, device=device, limits=limits, notice=notice)).preload()  # before launch()
     limits = studio.limits
     sizes = [(f"{w}×{h}", f"{w}x{h}") for w, h in studio.size_presets]
-    control_choices = [c for c in CONTROL_TYPES if c != "depth" or depth_available()]
+    control_choices = studio.control_types
     control_examples = sorted(str(p) for p in ASSETS.glob("control_*.png"))
 
     def ui_settings(values: dict):
@@ -224,26 +230,62 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         )
         return settings, values["control_image"]
 
+    def on_gpu(request_seconds):
+        """``spaces.GPU`` asking, per request, for ``request_seconds(arguments)`` (computed in the server
+        before the request is scheduled: a request that could never fit the quota is refused at once)."""
+
+        def decorate(handler):
+            signature = inspect.signature(handler)
+
+            @show_errors
+            def duration(*args, **kwargs):
+                arguments = signature.bind(*args, **kwargs)
+                arguments.apply_defaults()
+                return request_seconds(dict(arguments.arguments))
+
+            return GPU(handler, duration=duration)
+
+        return decorate
+
+    def ui_sweep_axes(values: dict):
+        """The sweep's sigmas, second axis and its values from the UI controls."""
+        sigmas = parse_values(values["sweep_sigmas"], "blur σ values", parse_sigma)
+        axis = SWEEP_AXES.get(values["sweep_axis"], values["sweep_axis"])
+        axis_values = parse_values(values["sweep_values"], f"{values['sweep_axis']} values") if axis != "none" else []
+        return sigmas, axis, axis_values
+
+    def api_sweep_axes(values: dict):
+        """The sweep's sigmas, second axis and its values from the API's arguments."""
+        sigmas = parse_values(values["seg_blur_sigmas"], "seg_blur_sigmas", parse_sigma)
+        axis = values["second_axis"] or "none"
+        axis_values = parse_values(values["second_axis_values"], "second_axis_values") if axis != "none" else []
+        return sigmas, axis, axis_values
+
     # ---- UI event handlers (private: the API below has library-named arguments) -------------------
 
-    @GPU
+    @on_gpu(lambda values: studio.gpu_seconds("generate", ui_settings(values)[0], images=int(values["num_images"])))
     @show_errors
     def ui_generate(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                     log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
-                    control_image, controlnet_conditioning_scale, progress=gr.Progress()):
+                    control_image, controlnet_conditioning_scale, num_images=1, progress=gr.Progress()):
         settings, image = ui_settings(locals())
-        run, control = studio.generate(settings, image, progress=progress_reporter(progress),
-                                       should_stop=cancellation_check())
+        runs, control = studio.generate_images(settings, int(num_images), image,
+                                               progress=progress_reporter(progress), should_stop=cancellation_check())
+        run = runs[0]
         info = run.info()
         method = run.settings.method
         if settings.seg_scale > 0:
             method += f" (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})"
-        text = (f"**{method}** · seed **{settings.seed}** · {settings.width}×{settings.height} · "
-                f"{settings.steps} steps · {info['seconds']:.2f} s · **{run.unet_evaluations} UNet evaluations** "
-                f"({info['unet_evaluations_per_step']:g} per step). The PNG carries all settings.")
-        return run.path, settings.seed, text, control
+        seeds = (f"seed **{settings.seed}**" if len(runs) == 1
+                 else f"seeds **{settings.seed}**–{runs[-1].settings.seed}")
+        text = (f"**{method}** · {seeds} · {settings.width}×{settings.height} · "
+                f"{settings.steps} steps · {sum(r.seconds for r in runs):.2f} s · "
+                f"**{sum(r.unet_evaluations for r in runs)} UNet evaluations** "
+                f"({info['unet_evaluations_per_step']:g} per step and image). The PNGs carry all settings.")
+        more = gr.update(value=[(r.path, f"seed {r.settings.seed}") for r in runs], visible=len(runs) > 1)
+        return run.path, more, settings.seed, text, control
 
-    @GPU(duration=120)
+    @on_gpu(lambda values: studio.gpu_seconds("compare", ui_settings(values)[0]))
     @show_errors
     def ui_compare(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                    log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
@@ -265,16 +307,14 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
             (paths[labels[0]], paths[labels[-1]]), list(paths.values()), settings.seed, control,
         )
 
-    @GPU(duration=300)
+    @on_gpu(lambda values: studio.gpu_seconds("sweep", ui_settings(values)[0], *ui_sweep_axes(values)))
     @show_errors
     def ui_sweep(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                  log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
                  control_image, controlnet_conditioning_scale, sweep_sigmas, sweep_axis, sweep_values,
                  progress=gr.Progress()):
         settings, image = ui_settings(locals())
-        sigmas = parse_values(sweep_sigmas, "blur σ values", parse_sigma)
-        axis = SWEEP_AXES.get(sweep_axis, sweep_axis)
-        values = parse_values(sweep_values, f"{sweep_axis} values") if axis != "none" else []
+        sigmas, axis, values = ui_sweep_axes(locals())
         sweep, control = studio.sweep(settings, sigmas, axis, values, image, progress=progress_reporter(progress),
                                       should_stop=cancellation_check())
         info = sweep.info()
@@ -300,7 +340,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         fields = {f.name for f in dataclasses.fields(Settings)}
         return studio.settings(**{k: v for k, v in values.items() if k in fields}), values.get("control_image")
 
-    @GPU
+    @on_gpu(lambda values: studio.gpu_seconds("generate", api_settings(values)[0]))
     @show_errors
     def generate(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
                  guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=None,
@@ -314,7 +354,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                  should_stop=cancellation_check())
         return run.path, run.info()
 
-    @GPU(duration=120)
+    @on_gpu(lambda values: studio.gpu_seconds("compare", api_settings(values)[0]))
     @show_errors
     def compare(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
                 guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=3.0,
@@ -334,7 +374,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                  should_stop=cancellation_check(), one_loop=one_loop)
         return [(run.path, run.label) for run in runs], [run.info() for run in runs]
 
-    @GPU(duration=300)
+    @on_gpu(lambda values: studio.gpu_seconds("sweep", api_settings(values)[0], *api_sweep_axes(values)))
     @show_errors
     def sweep(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
               guidance_scale=None, seg_scale=None, seg_blur_sigmas="1, 4, 16, 64, inf", second_axis="none",
@@ -344,10 +384,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         """A labelled grid: seg_blur_sigmas (e.g. "1, 4, 16, inf") as columns and, optionally, second_axis
         ("seg_scale" or "guidance_scale") over second_axis_values (e.g. "1, 3, 5") as rows; one seed."""
         values = locals()
-        sigmas = parse_values(values.pop("seg_blur_sigmas"), "seg_blur_sigmas", parse_sigma)
-        axis = values.pop("second_axis") or "none"
-        axis_values = values.pop("second_axis_values")
-        axis_values = parse_values(axis_values, "second_axis_values") if axis != "none" else []
+        sigmas, axis, axis_values = api_sweep_axes(values)
         settings, image = api_settings(values)
         result, _ = studio.sweep(settings, sigmas, axis, axis_values, image, progress=progress_reporter(progress),
                                  should_stop=cancellation_check())
@@ -365,11 +402,20 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         )
         banner = studio.banner
         gr.HTML(banner_html(banner) if banner else "", visible=bool(banner), elem_id="model-banner")
-        gr.HTML(STYLE, visible="hidden")
+        space_id = os.environ.get("SPACE_ID")  # set on a Hugging Face Space
+        if space_id:
+            with gr.Row(equal_height=True):
+                gr.Markdown(duplicate_hint(space_id), elem_id="duplicate-hint")
+                gr.DuplicateButton(scale=0, min_width=200)
+        rendered = rendered_examples(studio.model)  # outputs rendered ahead (scripts/render_examples.py)
+        first = rendered[0] if rendered else None
+        if max(studio.size_presets[0]) < 256:
+            gr.HTML(PIXELATED_STYLE, visible="hidden")
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", max_length=limits.max_prompt_chars,
+                prompt = gr.Textbox(first and first["prompt"], label="Prompt", lines=2, elem_id="prompt",
+                                    max_length=limits.max_prompt_chars,
                                     placeholder="Leave empty for unconditional generation, as in the paper")
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
                                              max_length=limits.max_prompt_chars)
@@ -426,19 +472,26 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate"):
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
-                        result = gr.Image(label="Result (PNG with settings)", type="filepath", format="png",
-                                          interactive=False, height=512, elem_id="result")
-                        result_info = gr.Markdown(elem_id="result-info")
+                        result = gr.Image(first and first["images"][-1][0], label="Result (PNG with settings)",
+                                          type="filepath", format="png", interactive=False, height=512,
+                                          elem_id="result")
+                        result_info = gr.Markdown(first and rendered_note(first), elem_id="result-info")
+                        result_images = gr.Gallery(label="All images of the request", columns=4, type="filepath",
+                                                   format="png", object_fit="contain", height=230, visible=False,
+                                                   elem_id="result-images")
+                        num_images = gr.Slider(1, max(2, studio.max_images), value=1, step=1, elem_id="num-images",
+                                               label="Images per request (seeds seed, seed + 1, ...)",
+                                               visible=studio.max_images > 1)
                     with gr.Tab("Compare", id="compare"):
                         compare_button = gr.Button("Compare vanilla SDXL · SAG · PAG · SEG", variant="primary",
                                                    elem_id="compare-button")
                         one_loop = gr.Checkbox(studio.pipeline().device.type == "cuda", elem_id="one-loop",
                                                label="All four in one loop (the same images; faster on a GPU, "
                                                      "but one time for all four)")
-                        gallery = gr.Gallery(label="Same seed, same settings", columns=4, rows=1, type="filepath",
-                                             format="png", object_fit="contain", height=230,
+                        gallery = gr.Gallery(first and first["images"], label="Same seed, same settings", columns=4,
+                                             rows=1, type="filepath", format="png", object_fit="contain", height=230,
                                              elem_id="compare-gallery")
-                        compare_info = gr.Markdown(elem_id="compare-info")
+                        compare_info = gr.Markdown(first and rendered_note(first), elem_id="compare-info")
                         compare_paths = gr.State({})
                         with gr.Row():
                             left = gr.Dropdown([], label="Left", elem_id="slider-left")
@@ -458,19 +511,38 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         grid_file = gr.File(label="Download the grid")
                         sweep_info = gr.Markdown()
 
-        examples = EXAMPLES
-        if studio.profile.prompts:  # a model that knows only its own prompts
-            examples = [[p, "", studio.profile.guidance_scale] for p in studio.profile.prompts] + [["", "", 1.0]]
-        gr.Examples(examples, inputs=[prompt, negative_prompt, guidance_scale], cache_examples=False,
-                    label="Examples (the empty prompt is unconditional generation)")
+        if rendered:  # each example with its four results, rendered ahead: clicking shows them at once
+            preview = gr.Image(first["grid"], label="Rendered ahead: vanilla · SAG · PAG · SEG, same seed",
+                               type="filepath", interactive=False, render=False, elem_id="example-preview")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    gr.Examples([[e["prompt"], e["negative_prompt"], e["guidance_scale"], e["seed"], e["steps"],
+                                  e["grid"]] for e in rendered],
+                                inputs=[prompt, negative_prompt, guidance_scale, seed, steps, preview],
+                                example_labels=[e["prompt"] or "(no prompt: unconditional)" for e in rendered],
+                                cache_examples=False, examples_per_page=16, elem_id="examples",
+                                label="Examples with their results (the empty prompt is unconditional generation)")
+                with gr.Column(scale=2):
+                    preview.render()
+        else:
+            gr.Examples([list(row) for row in example_rows(studio.profile.prompts, studio.profile.guidance_scale)],
+                        inputs=[prompt, negative_prompt, guidance_scale], cache_examples=False, elem_id="examples",
+                        label="Examples (the empty prompt is unconditional generation)")
+
+        with gr.Accordion("About SEG, the methods compared, and this demo", open=False, elem_id="about"):
+            gr.Markdown(ABOUT)
+            gr.Code(CITATION, label="Cite (BibTeX): SEG, and PAG and SAG if you compare with them",
+                    interactive=False)
+            gr.Markdown(LICENSE_NOTE)
 
         # ---- events ---------------------------------------------------------------------------------
         common = [prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale, log2_sigma,
                   infinite_sigma, applied_layers, guidance_start, guidance_end, control_type, control_image,
                   controlnet_conditioning_scale]
         events = dict(concurrency_limit=1, concurrency_id="generation", api_visibility="private")
-        generate_button.click(ui_generate, common, [result, seed, result_info, control_map], **events)
-        prompt.submit(ui_generate, common, [result, seed, result_info, control_map], **events)
+        generated = [result, result_images, seed, result_info, control_map]
+        generate_button.click(ui_generate, common + [num_images], generated, **events)
+        prompt.submit(ui_generate, common + [num_images], generated, **events)
         compare_button.click(ui_compare, common + [sag_scale, pag_scale, one_loop],
                              [gallery, compare_info, compare_paths, left, right, pair, compare_files, seed,
                               control_map], **events)
@@ -545,8 +617,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Gradio demo of Smoothed Energy Guidance for SDXL.")
-    parser.add_argument("--model", default="sdxl",
-                        help="'sdxl' (SDXL base 1.0, default), 'embedded' (the small trained offline model), "
+    parser.add_argument("--model", default="auto",
+                        help="'auto' (default: 'sdxl' with a GPU, else 'embedded'), 'sdxl' (SDXL base 1.0; "
+                             "forces it on a CPU too), 'embedded' (the small trained offline model), "
                              "'tiny' (offline random weights), "
                              "or any SDXL Hub id / local folder")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -579,7 +652,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     demo = build_demo(args.model, device=args.device, limits=limits, queue_size=args.queue_size)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **demo.launch_options)
+    # share=None, not False: without --share, $GRADIO_SHARE decides (Gradio ignores share on a Space)
+    demo.launch(server_name=args.host, server_port=args.port, share=True if args.share else None,
+                **demo.launch_options)
 
 
 def _env(name: str, kind, default):

@@ -176,6 +176,10 @@ def generate_sharded(all_jobs: list[Job], run_dir: Path, batch: int, load_pipe: 
     processes are done.
     """
     state = state or distributed_state()
+    unique: dict[Path, Job] = {}  # two rows of equal settings (e.g. CFG w=1 and vanilla) share a file
+    for job in all_jobs:
+        unique.setdefault(job.path(run_dir), job)
+    all_jobs = list(unique.values())
     run_dir.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
         _remove_partial_files(run_dir)

@@ -33,6 +33,35 @@ CONTROLNETS = {
 }
 
 
+def model_for_hardware() -> tuple[str, str | None]:
+    """The model to start on when none is named: SDXL where there is a GPU (CUDA, Apple MPS, a ZeroGPU
+    Space), else the embedded model, with a note saying why and how to force SDXL (on a CPU SDXL takes
+    minutes per step, and a Compare hours)."""
+    mps = getattr(torch.backends, "mps", None)
+    if os.environ.get("SPACES_ZERO_GPU") or torch.cuda.is_available() or (mps is not None and mps.is_available()):
+        return "sdxl", None
+    return "embedded", ("**No GPU here**, so the demo started on the small embedded model: SDXL on a CPU takes "
+                        "minutes per denoising step, and a Compare hours. To run SDXL anyway: "
+                        "`python app.py --model sdxl` (or `make demo MODEL=sdxl`).")
+
+
+_TOKENIZER = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
+#: Every Hub file the demo loads on a GPU (fp16 variants, safetensors; SDXL's own VAE is replaced by the
+#: fp16-safe one, so it is not fetched): the Space's `preload_from_hub` in README.md lists exactly these
+#: (tests/test_space.py checks that the two agree).
+HUB_FILES = {
+    SDXL_BASE: ["model_index.json", "scheduler/scheduler_config.json",
+                "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
+                "text_encoder_2/config.json", "text_encoder_2/model.fp16.safetensors",
+                *(f"tokenizer/{name}" for name in _TOKENIZER), *(f"tokenizer_2/{name}" for name in _TOKENIZER),
+                "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"],
+    SDXL_FP16_VAE: ["config.json", "diffusion_pytorch_model.safetensors"],
+    CONTROLNETS["canny"]: ["config.json", "diffusion_pytorch_model.fp16.safetensors"],
+    CONTROLNETS["depth"]: ["config.json", "diffusion_pytorch_model.fp16.safetensors"],
+    DEPTH_ESTIMATOR: ["config.json", "preprocessor_config.json", "model.safetensors"],
+}
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
@@ -146,20 +175,26 @@ def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Im
 _depth_models: dict = {}
 
 
-def depth_map(image: Image.Image) -> Image.Image:
-    """Relative depth (DPT-Hybrid MiDaS) normalised to [0, 255], 3 channels. Needs the estimator's
-    weights (Hub or cache); raises RuntimeError naming the model when they cannot be loaded."""
+def load_depth_estimator():
+    """DPT-Hybrid MiDaS (safetensors weights) and its image processor, loaded once; on the CPU, where the
+    control-map preview runs. RuntimeError naming the model when the weights cannot be loaded."""
     from transformers import DPTForDepthEstimation, DPTImageProcessor
 
     if DEPTH_ESTIMATOR not in _depth_models:
         try:
             _depth_models[DEPTH_ESTIMATOR] = (
                 DPTImageProcessor.from_pretrained(DEPTH_ESTIMATOR),
-                DPTForDepthEstimation.from_pretrained(DEPTH_ESTIMATOR).eval(),
+                DPTForDepthEstimation.from_pretrained(DEPTH_ESTIMATOR, use_safetensors=True).eval(),
             )
         except Exception as error:  # no network, no cache
             raise RuntimeError(f"the depth estimator {DEPTH_ESTIMATOR} could not be loaded: {error}") from error
-    processor, estimator = _depth_models[DEPTH_ESTIMATOR]
+    return _depth_models[DEPTH_ESTIMATOR]
+
+
+def depth_map(image: Image.Image) -> Image.Image:
+    """Relative depth (DPT-Hybrid MiDaS) normalised to [0, 255], 3 channels. Needs the estimator's
+    weights (Hub or cache); raises RuntimeError naming the model when they cannot be loaded."""
+    processor, estimator = load_depth_estimator()
     rgb = image.convert("RGB")
     with torch.no_grad():
         depth = estimator(**processor(images=rgb, return_tensors="pt")).predicted_depth

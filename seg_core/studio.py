@@ -36,7 +36,9 @@ from .attention import resolve_layers
 from .compare import side_by_side
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
 from . import embedded
-from .presets import DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_pipeline, preprocess_control, with_controlnet
+from .zerogpu import GPU, GPUCost, Work, evaluations_per_step, gpu_duration  # noqa: F401 (GPU re-exported)
+from .presets import (DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_depth_estimator, load_pipeline, preprocess_control,
+                      with_controlnet)
 
 logger = logging.getLogger(__name__)
 
@@ -70,28 +72,41 @@ EMBEDDED_BANNER = (
 )
 
 
+# What one UNet evaluation costs, measured (the basis of ZeroGPU durations, seg_core.zerogpu).
+SDXL_COST = GPUCost(
+    unet_seconds=0.087, reference_pixels=1024 * 1024, image_seconds=0.5,
+    measured="fp16 SDXL UNet at 1024x1024, batch 1, NVIDIA H200: 62-87 ms per call of one row (the slowest of "
+             "bench/results/h200_1024_*batch1*.log; launch-bound, so 768x768 costs the same); per image an "
+             "allowance for the VAE decode and the PNG, not measured")
+SMALL_COST = GPUCost(  # the embedded and tiny models: a CPU figure, an upper bound for any GPU
+    unet_seconds=0.07, reference_pixels=64 * 64, image_seconds=0.05,
+    measured="one CPU thread of a 2-core x86 box: tiny 54-69 ms, embedded 12-15 ms per evaluation")
+
+
 @dataclass(frozen=True)
 class ModelProfile:
     """What the demo shows for a model: its size menu, default steps and guidance scales (SDXL's: the
-    authors' SEG and PAG 3.0, SAG 1.0), example prompts (None: the demo's own) and banner."""
+    authors' SEG and PAG 3.0, SAG 1.0), example prompts (None: the demo's own) and banner; and what it
+    costs on a GPU."""
 
     sizes: list
     steps: int
     guidance_scale: float = 1.0
     prompts: tuple | None = None
     banner: str | None = None
+    gpu_cost: GPUCost = SDXL_COST
     seg_scale: float = 3.0
     pag_scale: float = 3.0
     sag_scale: float = 1.0
 
 
 PROFILES = {
-    "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER),
+    "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER, gpu_cost=SMALL_COST),
     # It follows prompts only with CFG (README: The embedded model); it was trained at one size; its
     # scales come from the scale sweep (README: Scales as curves).
     "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS,
                              guidance_scale=embedded.GUIDANCE_SCALE, prompts=embedded.EXAMPLE_PROMPTS,
-                             banner=EMBEDDED_BANNER, seg_scale=embedded.SEG_SCALE,
+                             banner=EMBEDDED_BANNER, gpu_cost=SMALL_COST, seg_scale=embedded.SEG_SCALE,
                              pag_scale=embedded.PAG_SCALE, sag_scale=embedded.SAG_SCALE),
 }
 SDXL_PROFILE = ModelProfile(SDXL_SIZES, 25)
@@ -113,10 +128,11 @@ class Limits:
     max_image_side: int = 4096  # control image sides after decoding (and at most max_image_side^2 pixels)
     max_sweep_images: int = 64  # images in one sweep
     max_layer_names: int = 32  # entries in seg_applied_layers
+    max_images: int = 4  # images of one Generate request (seeds seed, seed + 1, ...), where the device allows
 
     def __post_init__(self):
         for name in ("max_pixels", "max_steps", "max_prompt_chars", "max_image_side", "max_sweep_images",
-                     "max_layer_names"):
+                     "max_layer_names", "max_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -211,25 +227,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, "white")
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
-
-
-# --------------------------------------------------------------------------------------------------
-# ZeroGPU
-# --------------------------------------------------------------------------------------------------
-
-
-def GPU(fn: Callable | None = None, *, duration: float | None = None):  # noqa: N802 (the name `spaces` uses)
-    """``spaces.GPU`` on a Hugging Face ZeroGPU Space, a no-op elsewhere. Works bare (``@GPU``) and
-    with arguments (``@GPU(duration=120)``)."""
-    try:
-        import spaces
-    except ImportError:
-        spaces = None
-    if fn is None:  # @GPU(duration=...)
-        if spaces is None:
-            return lambda f: f
-        return spaces.GPU(duration=duration) if duration is not None else spaces.GPU
-    return spaces.GPU(fn) if spaces is not None else fn
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,6 +525,17 @@ def model_lock(model: str) -> threading.Lock:
         return _model_locks.setdefault(model, threading.Lock())
 
 
+def _fresh_locks_in_child() -> None:
+    """A forked process (a ZeroGPU worker) starts with new, free locks: a lock copied while a thread of the
+    server held it would stay held there forever."""
+    global _model_locks_guard
+    _model_locks_guard = threading.Lock()
+    _model_locks.clear()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)
+
+
 def depth_available() -> bool:
     """Whether the depth estimator can be loaded: online, or its weights cached."""
     from huggingface_hub import constants, try_to_load_from_cache
@@ -547,19 +555,21 @@ class Studio:
             ``tiny`` where its weights are missing); None to raise instead.
         output_dir: where PNG files are written (default: a new temporary folder).
         limits: what one request may ask for (:class:`Limits`).
+        notice: Markdown shown first in the banner (e.g. why this model was chosen).
     """
 
     def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = DEFAULT_FALLBACK,
-                 output_dir: str | None = None, limits: Limits | None = None):
+                 output_dir: str | None = None, limits: Limits | None = None, notice: str | None = None):
         self.requested_model = model
+        self.notice = notice
         self.limits = limits or Limits()
         self.device = device
         self.load_error: str | None = None
         self._pipes: dict[str | None, StableDiffusionXLSEGPipeline] = {}
+        self.unavailable: dict[str, str] = {}  # control type -> why it cannot be loaded here
         self._load_lock = threading.Lock()
         self.output_dir = output_dir or tempfile.mkdtemp(prefix="seg-studio-")
         os.makedirs(self.output_dir, exist_ok=True)
-        self._counter = 0
         try:
             self.model = model
             self.pipeline("none")
@@ -570,7 +580,11 @@ class Studio:
             logger.warning("could not load %s (%s); starting on %r", model, self.load_error, fallback)
             self.model = fallback
             self.pipeline("none")
-        self.lock = model_lock(self.model)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """One generation at a time on this model (in this process)."""
+        return model_lock(self.model)
 
     # ---- model ------------------------------------------------------------------------------------
 
@@ -588,7 +602,7 @@ class Studio:
     @property
     def banner(self) -> str | None:
         """Markdown explaining a fallback and/or an offline model; None for a real model loaded as asked."""
-        lines = []
+        lines = [self.notice] if self.notice else []
         if self.load_error:
             lines.append(f"**Could not load `{self.requested_model}`** ({self.load_error}). "
                          f"Started on the `{self.model}` model instead.")
@@ -614,10 +628,38 @@ class Studio:
         """The pipeline for ``control_type`` ("none", "canny", "depth"), loaded once and cached."""
         if control_type not in CONTROL_TYPES:
             raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {control_type!r}")
+        if control_type in self.unavailable:
+            raise RuntimeError(self.unavailable[control_type])
+        pipe = self._pipes.get(control_type)
+        if pipe is not None:  # loaded: no lock (a ZeroGPU worker's copy of the lock may be held forever)
+            return pipe
         with self._load_lock:
             if control_type not in self._pipes:
                 self._pipes[control_type] = self._load(control_type)
             return self._pipes[control_type]
+
+    def preload(self) -> "Studio":
+        """Load (and move to the device) every model a request can use, ControlNets and the depth estimator
+        included, so that none loads inside a request: on ZeroGPU a GPU worker would load it again in every
+        new worker, inside the visitor's GPU time. What cannot be loaded is recorded in ``unavailable``
+        (and left out of ``control_types``); a request for it gets that reason."""
+        for control_type in CONTROL_TYPES[1:]:
+            try:
+                if control_type == "depth":
+                    if not depth_available():
+                        raise RuntimeError(f"depth needs its estimator's weights ({DEPTH_ESTIMATOR}), "
+                                           "not available here (offline and not cached)")
+                    load_depth_estimator()
+                self.pipeline(control_type)
+            except RuntimeError as error:
+                logger.warning("ControlNet %r unavailable: %s", control_type, error)
+                self.unavailable[control_type] = str(error)
+        return self
+
+    @property
+    def control_types(self) -> list[str]:
+        """The control types a request may use here ("none" first)."""
+        return [c for c in CONTROL_TYPES if c not in self.unavailable]
 
     def _load(self, control_type: str) -> StableDiffusionXLSEGPipeline:
         if control_type == "none":
@@ -636,6 +678,8 @@ class Studio:
         values.setdefault("steps", self.default_steps)
         values.setdefault("width", size[0])
         values.setdefault("height", size[1])
+        if values.get("seg_scale") is None:
+            values["seg_scale"] = self.profile.seg_scale
         settings = Settings(**{k: v for k, v in values.items() if v is not None})
         settings.prompt = settings.prompt or ""
         settings.negative_prompt = settings.negative_prompt or ""
@@ -682,6 +726,8 @@ class Studio:
             return None
         if control_type not in CONTROL_TYPES:
             raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {control_type!r}")
+        if control_type in self.unavailable:  # never load it here: this may be a GPU worker
+            raise RuntimeError(self.unavailable[control_type])
         if image is None:
             raise ValueError(f"control_type {control_type!r} needs a control_image")
         image = load_control_image(image, self.limits)
@@ -698,12 +744,31 @@ class Studio:
         ``should_stop``, polled before the run and after every denoising step, cancels the request
         (:class:`GenerationCancelled`) when it returns True; the model is left as it was.
         """
+        runs, control = self.generate_images(settings, 1, control_image, progress, should_stop)
+        return runs[0], control
+
+    @property
+    def max_images(self) -> int:
+        """Images one Generate request may ask for: ``limits.max_images``, but one for SDXL-sized models on a
+        CPU (minutes per step)."""
+        if self.pipeline().device.type == "cpu" and self.model not in OFFLINE_MODELS:
+            return 1
+        return self.limits.max_images
+
+    def generate_images(self, settings: Settings, count: int, control_image: Image.Image | None = None,
+                        progress: Progress | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> tuple[list[Run], Image.Image | None]:
+        """``count`` images from seeds ``settings.seed``, +1, +2, ...: each the image Generate gives for its
+        seed. Returns the runs and the control map used."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.max_images:
+            raise ValueError(f"images must be an integer in [1, {self.max_images}] here, got {count!r}")
         control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
         _stamp_control(settings, control)
-        steps = _StepCounter(settings.steps, progress, should_stop)
+        steps = _StepCounter(settings.steps * count, progress, should_stop)
         with self.lock:
-            run = self._run(settings.method, settings, control, steps)
-        return run, control
+            runs = [self._run(settings.method, dataclasses.replace(settings, seed=(settings.seed + i) % (MAX_SEED + 1)),
+                              control, steps) for i in range(count)]
+        return runs, control
 
     def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float = 1.0,
                 pag_scale: float = 3.0, progress: Progress | None = None,
@@ -830,6 +895,27 @@ class Studio:
         sweep.path = self._save(grid, settings, "sweep", extra)
         return sweep, control
 
+    # ---- what a request asks of the GPU (ZeroGPU durations) -----------------------------------------
+
+    def gpu_seconds(self, kind: str, settings: Settings, sigmas: Sequence = (), row_axis: str | None = None,
+                    row_values: Sequence = (), images: int = 1) -> int:
+        """The ZeroGPU duration of request ``kind`` ("generate" with its number of images, "compare", or
+        "sweep" with its axes) from its work and this model's measured cost; ValueError if it could never
+        fit a quota."""
+        s = settings
+        if kind == "generate":
+            work = Work(s.steps, s.width, s.height, images,
+                        images * evaluations_per_step(s.guidance_scale, s.seg_scale, s.pag_scale, s.sag_scale))
+        elif kind == "compare":  # vanilla, then SAG, PAG and SEG with one extra evaluation each
+            work = Work(s.steps, s.width, s.height, 4, 4 * evaluations_per_step(s.guidance_scale) + 3)
+        elif kind == "sweep":
+            images = len(sigmas) * max(1, len(row_values) if row_axis not in (None, "", "none") else 1)
+            guidance = max([s.guidance_scale] + [float(v) for v in row_values if row_axis == "guidance_scale"])
+            work = Work(s.steps, s.width, s.height, images, images * evaluations_per_step(guidance, 1.0))
+        else:
+            raise ValueError(f"kind must be 'generate', 'compare' or 'sweep', got {kind!r}")
+        return gpu_duration(self.profile.gpu_cost, work)
+
     # ---- internals --------------------------------------------------------------------------------
 
     def _run(self, label: str, settings: Settings, control: Image.Image | None, steps: "_StepCounter",
@@ -860,11 +946,11 @@ class Studio:
         return run
 
     def _save(self, image: Image.Image, settings: Settings, stem: str, extra: dict | None = None) -> str:
-        with self._load_lock:
-            self._counter += 1
-            number = self._counter
-        path = os.path.join(self.output_dir, f"{number:05d}-{stem}-seed{settings.seed}.png")
-        image.save(path, format="PNG", pnginfo=png_info(settings, extra))
+        # A unique name from the file system, not from a counter: ZeroGPU workers forked from the same
+        # server would count from the same number and overwrite each other's files.
+        handle, path = tempfile.mkstemp(prefix=f"{stem}-seed{settings.seed}-", suffix=".png", dir=self.output_dir)
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, format="PNG", pnginfo=png_info(settings, extra))
         return path
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from app_server import running_demo
-from seg_core.studio import GPU, Studio, UNetCounter, labelled_grid, parse_sigma, parse_values, read_png_settings
+from seg_core.zerogpu import GPU
+from seg_core.studio import Studio, UNetCounter, labelled_grid, parse_sigma, parse_values, read_png_settings
 
 STEPS = 2  # fast on the tiny model; every path still runs
 HOUSE = "assets/control_house.png"
@@ -237,3 +238,22 @@ def test_progress_counts_every_step_of_a_request_and_one_lock_per_model():
     studio.compare(studio.settings(prompt="", seed=0, steps=2), progress=lambda *call: calls.append(call))
     assert [done for done, _, _ in calls] == list(range(1, 9)) and {total for _, total, _ in calls} == {8}
     assert calls[0][2] == "Vanilla SDXL" and calls[-1][2].startswith("SEG")
+
+
+def test_several_images_per_request_are_the_images_of_consecutive_seeds():
+    from seg_core.studio import Limits
+
+    demo, _ = running_demo()
+    studio = demo.studio
+    assert studio.max_images == Limits().max_images  # a small model on a CPU: allowed
+    runs, _ = studio.generate_images(studio.settings(prompt="x", seed=5, steps=STEPS), 3)
+    assert [run.settings.seed for run in runs] == [5, 6, 7]
+    for run in runs:
+        alone, _ = studio.generate(studio.settings(prompt="x", seed=run.settings.seed, steps=STEPS))
+        assert np.array_equal(pixels(run.path), pixels(alone.path))
+    with pytest.raises(ValueError, match=r"images must be an integer in \[1, 4\] here, got 5"):
+        studio.generate_images(studio.settings(prompt="x", seed=5, steps=STEPS), 5)
+    with pytest.raises(ValueError, match="max_images must be a positive integer, got 0"):
+        Limits(max_images=0)
+    assert studio.gpu_seconds("generate", studio.settings(steps=50), images=4) > studio.gpu_seconds(
+        "generate", studio.settings(steps=50))

@@ -261,3 +261,22 @@ def test_the_embedded_first_example_shows_seg_repairing_what_cfg_alone_draws():
     wanted = shapes.parse_caption(prompt)
     assert classifier.predict(image(embedded.SEG_SCALE)) == [wanted]
     assert classifier.predict(image(0.0))[0][0] != wanted[0]  # the shape is wrong without SEG
+
+
+def test_rows_of_equal_settings_share_their_images(tmp_path):
+    # CFG at w=1 is vanilla sampling: one file per (settings, caption, seed), made once.
+    from accelerate import PartialState
+
+    calls = []
+
+    class Pipe:
+        def __call__(self, prompts, generator, output_type, **kwargs):
+            calls.append(len(prompts))
+            return type("Out", (), {"images": np.zeros((len(prompts), 4, 4, 3))})()
+
+    rows = [Row("Vanilla"), Row("CFG (w=1)", {"guidance_scale": 1.0})]
+    jobs = [job for row in rows for job in evaluation.jobs(row, ["a", "b"], [1, 2])]
+    report = evaluation.generate_sharded(jobs, tmp_path, 4, lambda device: Pipe(), {}, PartialState(cpu=True),
+                                         log=lambda text: None)
+    assert (report.generated, report.reused, calls) == (2, 0, [2])
+    assert len(list(tmp_path.glob("*/*.png"))) == 2
