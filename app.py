@@ -510,9 +510,10 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance until",
                                                  elem_id="guidance-end")
                     with gr.Row():
-                        sag_scale = gr.Slider(0.05, 5, value=1.0, step=0.05, label="SAG scale (Compare)",
+                        sag_scale = gr.Slider(0.05, 5, value=studio.profile.sag_scale, step=0.05, label="SAG scale (Compare)",
                                               info="the paper compares with 1.0", elem_id="sag-scale")
-                        pag_scale = gr.Slider(0.1, 10, value=3.0, step=0.1, label="PAG scale (Compare)", elem_id="pag-scale")
+                        pag_scale = gr.Slider(0.1, 10, value=studio.profile.pag_scale, step=0.1, label="PAG scale (Compare)",
+                                              elem_id="pag-scale")
                 with gr.Accordion("ControlNet", open=False):
                     control_type = gr.Radio(control_choices, value="none", label="ControlNet", elem_id="control-type",
                                             info=None if "depth" in control_choices else

@@ -87,8 +87,9 @@ SMALL_COST = GPUCost(  # the embedded and tiny models: a CPU figure, an upper bo
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """What the demo shows for a model: its size menu (the sizes it was trained at), default steps, CFG
-    scale and SEG setting, example prompts (None: the demo's own) and banner; and what it costs on a GPU."""
+    """What the demo shows for a model: its size menu (the sizes it was trained at), default steps and
+    guidance (CFG; SEG scale and σ; the SAG and PAG scales of Compare; SDXL's: the authors' SEG and PAG
+    3.0, σ ∞, SAG 1.0), example prompts (None: the demo's own) and banner; and what it costs on a GPU."""
 
     sizes: list
     steps: int
@@ -97,17 +98,19 @@ class ModelProfile:
     banner: str | None = None
     seg_scale: float = 3.0  # the authors' defaults
     seg_blur_sigma: float = math.inf
+    pag_scale: float = 3.0
+    sag_scale: float = 1.0
     gpu_cost: GPUCost = SDXL_COST
 
 
 PROFILES = {
     "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER, gpu_cost=SMALL_COST),
-    # It follows prompts only with CFG (README: The embedded model); it was trained at one size. With CFG,
-    # the authors' SEG (3, σ ∞) turns its shapes into dark blobs; SEG at σ 1, scale 1 keeps them (its
-    # evaluation: σ 1 is its best SEG row).
-    "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS, guidance_scale=5.0,
-                             prompts=embedded.PROMPTS[::7], banner=EMBEDDED_BANNER, gpu_cost=SMALL_COST,
-                             seg_scale=1.0, seg_blur_sigma=1.0),
+    # It follows prompts only with CFG (README: The embedded model); it was trained at one size; its
+    # scales come from the scale sweep (README: Scales as curves).
+    "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS,
+                             guidance_scale=embedded.GUIDANCE_SCALE, prompts=embedded.EXAMPLE_PROMPTS,
+                             banner=EMBEDDED_BANNER, gpu_cost=SMALL_COST, seg_scale=embedded.SEG_SCALE,
+                             pag_scale=embedded.PAG_SCALE, sag_scale=embedded.SAG_SCALE),
 }
 SDXL_PROFILE = ModelProfile(SDXL_SIZES, 25)
 
