@@ -10,6 +10,7 @@ built from its class and given a state dict read by :func:`load_weights` (safete
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 #: lllyasviel's annotator weights, the files controlnet-aux downloads by default.
 ANNOTATORS = "lllyasviel/Annotators"
@@ -188,8 +191,11 @@ def load_depth_estimator(source: str = DEPTH_ESTIMATOR):
                 DPTImageProcessor.from_pretrained(source),
                 DPTForDepthEstimation.from_pretrained(source, use_safetensors=True).eval(),
             )
-        except Exception as error:  # no network, no cache
-            raise RuntimeError(f"the depth estimator {source} could not be loaded: {error}") from error
+        except Exception as error:  # no network, no cache: the loader's paragraphs go to the log only
+            logger.warning("depth estimator %s: %s", source, error)
+            raise RuntimeError(f"control_type 'depth' is not available on this server: its depth estimator "
+                               f"{source} could not be loaded ({type(error).__name__}); use another control "
+                               f"type or 'none'") from None
     return _depth_models[source]
 
 
