@@ -193,13 +193,17 @@ def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str | Sequen
     """A pipeline sharing ``pipe``'s components (no second copy in memory) plus a ControlNet.
 
     ``controlnet``: a control type or a list of them (:func:`controlnet_choice`; the call then needs
-    :func:`control_modes`' ``control_mode``), or a ControlNet Hub id or local folder; with
+    :func:`control_modes`' ``control_mode``), ``UNION`` (the union model, for any types), or a ControlNet
+    Hub id or local folder; with
     ``random_controlnet`` (for the small offline models, which have no trained ControlNet) control types
     give a small random ControlNet of the same kind built from ``pipe.unet``.
     """
     unet = pipe.unet
-    known = not isinstance(controlnet, str) or controlnet in CONTROLNETS
-    choice = controlnet_choice(controlnet) if known else ControlNetChoice(controlnet, "?")
+    known = not isinstance(controlnet, str) or controlnet in CONTROLNETS or controlnet == UNION
+    if controlnet == UNION:  # the union model by itself: any control type, by its mode
+        choice = controlnet_choice(["softedge", "canny"])
+    else:
+        choice = controlnet_choice(controlnet) if known else ControlNetChoice(controlnet, "?")
     if random_controlnet and known:
         net = (tiny_union_controlnet if choice.is_union else tiny_controlnet)(unet).to(unet.device)
         if net.dtype != unet.dtype:

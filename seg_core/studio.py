@@ -39,8 +39,10 @@ from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_met
 from . import embedded
 from .limits import Geometry, ModelLimits
 from .zerogpu import GPU, GPUCost, Work, evaluations_per_step, gpu_duration  # noqa: F401 (GPU re-exported)
-from .presets import (DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_depth_estimator, load_pipeline, preprocess_control,
-                      with_controlnet)
+from . import control as controls
+from .control import RANDOM_WEIGHTS, Detection, load_detector
+from .presets import (DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, UNION, control_arguments, controlnet_choice,
+                      load_depth_estimator, load_pipeline, with_controlnet)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ Progress = Callable[[int, int, str], None]
 
 MAX_SEED = 2**32 - 1
 MAX_SWEEP_RUNS = 64
-CONTROL_TYPES = ("none", "canny", "depth")
+CONTROL_TYPES = ("none", *controls.CONTROL_TYPES)
 PNG_SETTINGS_KEY = "seg_settings"  # JSON of Settings, in a PNG text chunk
 PNG_PARAMETERS_KEY = "parameters"  # the same, readable (the key other SD tools use)
 
@@ -330,8 +332,34 @@ class Settings:
     perturbation_guidance_end: float = 1.0
     control_type: str = "none"
     controlnet_conditioning_scale: float = 1.0
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
+    control_preprocess: bool = True  # False: the control image is already a control map
+    # The detectors' knobs (seg_core.control.Detection), for both controls.
+    detect_resolution: int = 512
+    canny_low_threshold: int = 100
+    canny_high_threshold: int = 200
+    openpose_hands: bool = False
+    openpose_face: bool = False
+    # A second control (read with the first by the union model, one mode each).
+    control_type_2: str = "none"
+    controlnet_conditioning_scale_2: float = 1.0
+    control_guidance_start_2: float = 0.0
+    control_guidance_end_2: float = 1.0
+    control_preprocess_2: bool = True
     model: str = ""
     control_image_sha256: str | None = None
+
+    @property
+    def control_types(self) -> tuple[str, ...]:
+        """The request's control types: (), one, or two."""
+        return tuple(t for t in (self.control_type, self.control_type_2) if t != "none")
+
+    def detection(self, second: bool = False) -> Detection:
+        """How to make the first (or second) control's map."""
+        return Detection(preprocess=self.control_preprocess_2 if second else self.control_preprocess,
+                         detect_resolution=self.detect_resolution, low_threshold=self.canny_low_threshold,
+                         high_threshold=self.canny_high_threshold, hands=self.openpose_hands, face=self.openpose_face)
 
     @property
     def method(self) -> str:
@@ -351,8 +379,12 @@ class Settings:
             perturbation_guidance_start=self.perturbation_guidance_start,
             perturbation_guidance_end=self.perturbation_guidance_end,
         )
-        if self.control_type != "none":
-            kwargs["controlnet_conditioning_scale"] = self.controlnet_conditioning_scale
+        if self.control_types:
+            n = len(self.control_types)
+            kwargs.update(control_arguments(
+                self.control_types, [self.controlnet_conditioning_scale, self.controlnet_conditioning_scale_2][:n],
+                [self.control_guidance_start, self.control_guidance_start_2][:n],
+                [self.control_guidance_end, self.control_guidance_end_2][:n]))
         return kwargs
 
     def to_dict(self) -> dict:
@@ -382,6 +414,8 @@ class Settings:
                  f"Guidance interval: {self.perturbation_guidance_start:g}-{self.perturbation_guidance_end:g}"]
         if self.control_type != "none":
             parts.append(f"ControlNet: {self.control_type} x{self.controlnet_conditioning_scale:g}")
+        if self.control_type_2 != "none":
+            parts.append(f"ControlNet 2: {self.control_type_2} x{self.controlnet_conditioning_scale_2:g}")
         parts.append(f"Model: {self.model}")
         lines.append(", ".join(parts))
         return "\n".join(lines)
@@ -675,19 +709,31 @@ class Studio:
     def default_steps(self) -> int:
         return min(self.profile.steps, self.limits.max_steps)
 
-    def pipeline(self, control_type: str = "none") -> StableDiffusionXLSEGPipeline:
-        """The pipeline for ``control_type`` ("none", "canny", "depth"), loaded once and cached."""
-        if control_type not in CONTROL_TYPES:
-            raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {control_type!r}")
-        if control_type in self.unavailable:
-            raise RuntimeError(self.unavailable[control_type])
-        pipe = self._pipes.get(control_type)
+    def pipeline(self, control_type: str | Sequence[str] = "none") -> StableDiffusionXLSEGPipeline:
+        """The pipeline for a control type ("none", or one of ``CONTROL_TYPES``) or two of them, loaded once
+        and cached. Every type the union model serves, and every pair, share one pipeline ("union")."""
+        types = () if control_type == "none" else (control_type,) if isinstance(control_type, str) else tuple(control_type)
+        for name in types:
+            if name not in CONTROL_TYPES[1:]:
+                raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {name!r}")
+            if name in self.unavailable:
+                raise RuntimeError(self.unavailable[name])
+        key = "none" if not types else "union" if controlnet_choice(types).is_union else types[0]
+        if key in self.unavailable:
+            raise RuntimeError(self.unavailable[key])
+        pipe = self._pipes.get(key)
         if pipe is not None:  # loaded: no lock (a ZeroGPU worker's copy of the lock may be held forever)
             return pipe
         with self._load_lock:
-            if control_type not in self._pipes:
-                self._pipes[control_type] = self._load(control_type)
-            return self._pipes[control_type]
+            if key not in self._pipes:
+                self._pipes[key] = self._load(key)
+            return self._pipes[key]
+
+    @property
+    def detector_weights(self) -> str | None:
+        """Where the learned detectors' weights come from: the Hub (or its cache), or, on the small offline
+        models (which get random ControlNets too), seeded random weights."""
+        return RANDOM_WEIGHTS if self.model in OFFLINE_MODELS else None
 
     def preload(self) -> "Studio":
         """Load (and move to the device) every model a request can use, ControlNets and the depth estimator
@@ -701,10 +747,17 @@ class Studio:
                         raise RuntimeError(f"depth needs its estimator's weights ({DEPTH_ESTIMATOR}), "
                                            "not available here (offline and not cached)")
                     load_depth_estimator()
+                elif control_type in controls.DETECTOR_FILES:
+                    load_detector(control_type, self.detector_weights)
                 self.pipeline(control_type)
             except RuntimeError as error:
                 logger.warning("ControlNet %r unavailable: %s", control_type, error)
                 self.unavailable[control_type] = str(error)
+        try:  # two controls: the union model (any two types that load)
+            self.pipeline([t for t in CONTROL_TYPES[1:] if t not in self.unavailable][:2])
+        except (RuntimeError, ValueError) as error:
+            logger.warning("two controls unavailable: %s", error)
+            self.unavailable["union"] = str(error)
         return self
 
     @property
@@ -712,12 +765,13 @@ class Studio:
         """The control types a request may use here ("none" first)."""
         return [c for c in CONTROL_TYPES if c not in self.unavailable]
 
-    def _load(self, control_type: str) -> StableDiffusionXLSEGPipeline:
-        if control_type == "none":
+    def _load(self, key: str) -> StableDiffusionXLSEGPipeline:
+        if key == "none":
             pipe = load_pipeline(self.model, device=self.device)
         else:
             # Share the base pipeline's components: a second SDXL copy would double the memory.
-            pipe = with_controlnet(self._pipes["none"], control_type, random_controlnet=self.model in OFFLINE_MODELS)
+            pipe = with_controlnet(self._pipes["none"], UNION if key == "union" else key,
+                                   random_controlnet=self.model in OFFLINE_MODELS)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -739,12 +793,30 @@ class Studio:
         settings.seg_blur_sigma = parse_sigma(settings.seg_blur_sigma)
         settings.seg_applied_layers = parse_layers(settings.seg_applied_layers)
         settings.control_type = settings.control_type or "none"
-        if settings.control_type not in CONTROL_TYPES:
-            raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {settings.control_type!r}")
+        settings.control_type_2 = settings.control_type_2 or "none"
+        for name in ("control_type", "control_type_2"):
+            if getattr(settings, name) not in CONTROL_TYPES:
+                raise ValueError(f"{name} must be one of {list(CONTROL_TYPES)}, got {getattr(settings, name)!r}")
+        if settings.control_type == "none" and settings.control_type_2 != "none":
+            raise ValueError(f"control_type_2 ({settings.control_type_2!r}) needs a first control_type, got 'none'")
+        for suffix in ("", "_2"):
+            name = f"controlnet_conditioning_scale{suffix}"
+            setattr(settings, name, check_scale(name, getattr(settings, name), 10.0))
+            check_interval(getattr(settings, f"control_guidance_start{suffix}"),
+                           getattr(settings, f"control_guidance_end{suffix}"), f"control_guidance{suffix}")
+            if not isinstance(getattr(settings, f"control_preprocess{suffix}"), bool):
+                raise ValueError(f"control_preprocess{suffix} must be true or false, got "
+                                 f"{getattr(settings, f'control_preprocess{suffix}')!r}")
+        for name in ("openpose_hands", "openpose_face"):
+            if not isinstance(getattr(settings, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(settings, name)!r}")
+        for name in ("detect_resolution", "canny_low_threshold", "canny_high_threshold"):
+            value = getattr(settings, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(settings, name, int(value))
+        settings.detection()  # the knobs' ranges: ValueError naming the value
         # Checked here, not only by the pipeline: the limits read them first, and the PNG's JSON has no NaN
-        # (the conditioning scale is written even without a ControlNet).
-        settings.controlnet_conditioning_scale = check_scale("controlnet_conditioning_scale",
-                                                             settings.controlnet_conditioning_scale, 10.0)
+        # (the conditioning scales are written even without a ControlNet; checked above).
         for name in ("guidance_scale", "seg_scale", "pag_scale", "sag_scale"):
             setattr(settings, name, check_scale(name, getattr(settings, name)))
         check_interval(settings.perturbation_guidance_start, settings.perturbation_guidance_end, "perturbation_guidance")
@@ -776,9 +848,11 @@ class Studio:
         self.check_budget(settings)
         return settings
 
-    def control_map(self, control_type: str, image, width: int, height: int) -> Image.Image | None:
+    def control_map(self, control_type: str, image, width: int, height: int,
+                    detection: Detection = Detection()) -> Image.Image | None:
         """The preprocessed control map for ``image`` (a PIL image, an uploaded file's path or its bytes,
-        decoded by :func:`load_control_image`) cropped and resized to the output size."""
+        decoded by :func:`load_control_image`) cropped and resized to the output size; ``detection``: the
+        detector's knobs (``preprocess=False``: the image is the map)."""
         if control_type in (None, "none"):
             return None
         if control_type not in CONTROL_TYPES:
@@ -789,19 +863,35 @@ class Studio:
             raise ValueError(f"control_type {control_type!r} needs a control_image")
         image = load_control_image(image, self.limits)
         fitted = ImageOps.fit(image, (int(width), int(height)), Image.LANCZOS)
-        return preprocess_control(control_type, fitted)
+        return controls.control_map(control_type, fitted, detection, weights_dir=self.detector_weights)
+
+    def control_maps(self, settings: Settings, control_image, control_image_2=None):
+        """The request's control maps: (what the pipeline gets: None, a map or a list of two; a preview, the
+        maps side by side). ``control_image_2`` is the second control's image."""
+        images = (control_image, control_image_2)
+        maps = [self.control_map(t, image, settings.width, settings.height, settings.detection(second=k == 1))
+                for k, (t, image) in enumerate(zip((settings.control_type, settings.control_type_2), images))
+                if t != "none"]
+        if not maps:
+            return None, None
+        if len(maps) == 1:
+            return maps[0], maps[0]
+        preview = Image.new("RGB", (settings.width * 2, settings.height))
+        for k, image in enumerate(maps):
+            preview.paste(image, (settings.width * k, 0))
+        return maps, preview
 
     # ---- requests ---------------------------------------------------------------------------------
 
     def generate(self, settings: Settings, control_image: Image.Image | None = None,
                  progress: Progress | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> tuple[Run, Image.Image | None]:
+                 should_stop: Callable[[], bool] | None = None, control_image_2=None) -> tuple[Run, Image.Image | None]:
         """One image; returns the run and the control map used (None without ControlNet).
 
         ``should_stop``, polled before the run and after every denoising step, cancels the request
         (:class:`GenerationCancelled`) when it returns True; the model is left as it was.
         """
-        runs, control = self.generate_images(settings, 1, control_image, progress, should_stop)
+        runs, control = self.generate_images(settings, 1, control_image, progress, should_stop, control_image_2)
         return runs[0], control
 
     @property
@@ -813,24 +903,24 @@ class Studio:
         return self.limits.max_images
 
     def generate_images(self, settings: Settings, count: int, control_image: Image.Image | None = None,
-                        progress: Progress | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> tuple[list[Run], Image.Image | None]:
+                        progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                        control_image_2=None) -> tuple[list[Run], Image.Image | None]:
         """``count`` images from seeds ``settings.seed``, +1, +2, ...: each the image Generate gives for its
         seed. Returns the runs and the control map used."""
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.max_images:
             raise ValueError(f"images must be an integer in [1, {self.max_images}] here, got {count!r}")
-        control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
+        control, preview = self.control_maps(settings, control_image, control_image_2)
         _stamp_control(settings, control)
         steps = _StepCounter(settings.steps * count, progress, should_stop)
         with self.lock:
             runs = [self._run(settings.method, dataclasses.replace(settings, seed=(settings.seed + i) % (MAX_SEED + 1)),
                               control, steps) for i in range(count)]
-        return runs, control
+        return runs, preview
 
     def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float = 1.0,
                 pag_scale: float = 3.0, progress: Progress | None = None,
                 should_stop: Callable[[], bool] | None = None,
-                one_loop: bool = False) -> tuple[list[Run], Image.Image | None]:
+                one_loop: bool = False, control_image_2=None) -> tuple[list[Run], Image.Image | None]:
         """Vanilla SDXL, SAG, PAG and SEG from the same seed and settings (SEG with ``settings``' scale).
 
         ``one_loop`` renders the four in one denoising loop with batched UNet calls (seg_core.compare):
@@ -851,7 +941,7 @@ class Studio:
             self.check_budget(settings, self.request_rows(vanilla, images=len(variants)) + 2, len(variants))
         else:
             self.check_budget(vanilla, self.request_rows(vanilla) + 1, 1)
-        control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
+        control, preview = self.control_maps(settings, control_image, control_image_2)
         _stamp_control(settings, control)
         steps = _StepCounter(settings.steps * len(variants), progress, should_stop)
         with self.lock:
@@ -860,11 +950,11 @@ class Studio:
             else:
                 runs = [self._run(label, dataclasses.replace(settings, **change), control, steps)
                         for label, change in variants]
-        return runs, control
+        return runs, preview
 
     def _run_one_loop(self, variants, settings: Settings, control, steps: "_StepCounter") -> list[Run]:
         """The variants' images in one loop (seg_core.compare.side_by_side), saved as separate runs."""
-        pipe = self.pipeline(settings.control_type)
+        pipe = self.pipeline(settings.control_types or "none")
         each = [dataclasses.replace(settings, **change) for _, change in variants]
         guidance_keys = inspect.signature(build_guidance_methods).parameters
         method_sets = [build_guidance_methods(**{k: v for k, v in s.pipeline_kwargs().items() if k in guidance_keys})
@@ -914,7 +1004,7 @@ class Studio:
 
     def sweep(self, settings: Settings, sigmas: Sequence, row_axis: str | None = None, row_values: Sequence = (),
               control_image: Image.Image | None = None, progress: Progress | None = None,
-              should_stop: Callable[[], bool] | None = None) -> tuple[Sweep, Image.Image | None]:
+              should_stop: Callable[[], bool] | None = None, control_image_2=None) -> tuple[Sweep, Image.Image | None]:
         """A grid over blur sigma (columns) and optionally ``seg_scale`` or ``guidance_scale`` (rows)."""
         sigmas = [parse_sigma(s) for s in sigmas]
         if row_axis in (None, "", "none"):
@@ -933,7 +1023,7 @@ class Studio:
                              f"{len(sigmas)} sigmas x {len(row_values)} rows = {runs_total}")
         for value in row_values:
             self.check_budget(dataclasses.replace(settings, **({row_axis: float(value)} if row_axis else {})))
-        control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
+        control, preview = self.control_maps(settings, control_image, control_image_2)
         _stamp_control(settings, control)
         steps = _StepCounter(settings.steps * runs_total, progress, should_stop)
         runs: list[list[Run]] = []
@@ -957,7 +1047,7 @@ class Studio:
         extra = {"sweep": {"columns": {"axis": "seg_blur_sigma", "values": [format_sigma(s) for s in sigmas]},
                            "rows": {"axis": row_axis, "values": list(row_values) if row_axis else []}}}
         sweep.path = self._save(grid, settings, "sweep", extra)
-        return sweep, control
+        return sweep, preview
 
     # ---- what a request asks of the GPU (ZeroGPU durations) -----------------------------------------
 
@@ -984,7 +1074,7 @@ class Studio:
 
     def _run(self, label: str, settings: Settings, control: Image.Image | None, steps: "_StepCounter",
              save: bool = True) -> Run:
-        pipe = self.pipeline(settings.control_type)
+        pipe = self.pipeline(settings.control_types or "none")
         extra = {"image": control} if control is not None else {}
         generator = torch.Generator().manual_seed(settings.seed)  # CPU: the same noise on any device
 
@@ -1030,9 +1120,11 @@ def _short_error(error: Exception) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _stamp_control(settings: Settings, control: Image.Image | None) -> None:
-    """Record which control map was used (its hash), so the metadata identifies it."""
-    settings.control_image_sha256 = hashlib.sha256(control.tobytes()).hexdigest()[:16] if control else None
+def _stamp_control(settings: Settings, control: Image.Image | list | None) -> None:
+    """Record which control map(s) were used (a hash), so the metadata identifies them."""
+    maps = control if isinstance(control, list) else [control] if control else []
+    digest = hashlib.sha256(b"".join(m.tobytes() for m in maps)).hexdigest()[:16]
+    settings.control_image_sha256 = digest if maps else None
 
 
 def _release_memory() -> None:
