@@ -398,13 +398,17 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     def generate(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
                  guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=None,
                  sag_scale=None, perturbation_guidance_start=None, perturbation_guidance_end=None,
-                 control_type=None, control_image=None, controlnet_conditioning_scale=None, progress=gr.Progress()):
+                 control_type=None, control_image=None, controlnet_conditioning_scale=None,
+                 control_guidance_start=None, control_guidance_end=None, control_preprocess=None,
+                 detect_resolution=None, canny_low_threshold=None, canny_high_threshold=None, openpose_hands=None,
+                 openpose_face=None, control_type_2=None, control_image_2=None, controlnet_conditioning_scale_2=None,
+                 control_guidance_start_2=None, control_guidance_end_2=None, control_preprocess_2=None, progress=gr.Progress()):
         """One image with SEG (and PAG / SAG if their scales are > 0). Returns the PNG (its metadata holds
         every setting) and a JSON summary (seed used, time, UNet evaluations). seed -1: random;
         seg_blur_sigma: a number, or "inf" (values > 9999 are infinite too)."""
         settings, image = api_settings(locals())
         run, _ = studio.generate(settings, image, progress=progress_reporter(progress),
-                                 should_stop=cancellation_check())
+                                 should_stop=cancellation_check(), control_image_2=control_image_2)
         return run.path, run.info()
 
     @on_gpu(lambda values: studio.gpu_seconds("compare", api_settings(values)[0]))
@@ -413,7 +417,10 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=3.0,
                 sag_scale=1.0, perturbation_guidance_start=None, perturbation_guidance_end=None,
                 control_type=None, control_image=None, controlnet_conditioning_scale=None, one_loop=False,
-                progress=gr.Progress()):
+                control_guidance_start=None, control_guidance_end=None, control_preprocess=None,
+                 detect_resolution=None, canny_low_threshold=None, canny_high_threshold=None, openpose_hands=None,
+                 openpose_face=None, control_type_2=None, control_image_2=None, controlnet_conditioning_scale_2=None,
+                 control_guidance_start_2=None, control_guidance_end_2=None, control_preprocess_2=None, progress=gr.Progress()):
         """Vanilla SDXL, SAG (sag_scale), PAG (pag_scale) and SEG (seg_scale, seg_blur_sigma) from one seed.
         Returns the four labelled PNGs and, per method, its time and UNet evaluations. one_loop: all four
         in one denoising loop with batched UNet calls (same images; faster on a GPU; one time for all)."""
@@ -425,7 +432,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
             raise gr.Error(f"one_loop must be true or false, got {one_loop!r}", print_exception=False)
         settings, image = api_settings(values)
         runs, _ = studio.compare(settings, image, sag, pag, progress=progress_reporter(progress),
-                                 should_stop=cancellation_check(), one_loop=one_loop)
+                                 should_stop=cancellation_check(), one_loop=one_loop,
+                                 control_image_2=values["control_image_2"])
         return [(run.path, run.label) for run in runs], [run.info() for run in runs]
 
     @on_gpu(lambda values: studio.gpu_seconds("sweep", api_settings(values)[0], *api_sweep_axes(values)))
@@ -434,14 +442,17 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
               guidance_scale=None, seg_scale=None, seg_blur_sigmas="1, 4, 16, 64, inf", second_axis="none",
               second_axis_values="", seg_applied_layers=None, perturbation_guidance_start=None,
               perturbation_guidance_end=None, control_type=None, control_image=None,
-              controlnet_conditioning_scale=None, progress=gr.Progress()):
+              controlnet_conditioning_scale=None, control_guidance_start=None, control_guidance_end=None, control_preprocess=None,
+                 detect_resolution=None, canny_low_threshold=None, canny_high_threshold=None, openpose_hands=None,
+                 openpose_face=None, control_type_2=None, control_image_2=None, controlnet_conditioning_scale_2=None,
+                 control_guidance_start_2=None, control_guidance_end_2=None, control_preprocess_2=None, progress=gr.Progress()):
         """A labelled grid: seg_blur_sigmas (e.g. "1, 4, 16, inf") as columns and, optionally, second_axis
         ("seg_scale" or "guidance_scale") over second_axis_values (e.g. "1, 3, 5") as rows; one seed."""
         values = locals()
         sigmas, axis, axis_values = api_sweep_axes(values)
         settings, image = api_settings(values)
         result, _ = studio.sweep(settings, sigmas, axis, axis_values, image, progress=progress_reporter(progress),
-                                 should_stop=cancellation_check())
+                                 should_stop=cancellation_check(), control_image_2=values["control_image_2"])
         return result.path, result.info()
 
     # ---- layout ---------------------------------------------------------------------------------------
@@ -662,6 +673,16 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 "control_image": lambda: ControlImage(max_upload_mb=limits.max_upload_mb),
                 "controlnet_conditioning_scale": lambda: gr.Number(1.0),
                 "one_loop": lambda: gr.Checkbox(False),
+                "control_guidance_start": lambda: gr.Number(0.0), "control_guidance_end": lambda: gr.Number(1.0),
+                "control_preprocess": lambda: gr.Checkbox(True),
+                "detect_resolution": lambda: gr.Number(512),
+                "canny_low_threshold": lambda: gr.Number(100), "canny_high_threshold": lambda: gr.Number(200),
+                "openpose_hands": lambda: gr.Checkbox(False), "openpose_face": lambda: gr.Checkbox(False),
+                "control_type_2": lambda: gr.Textbox("none"),
+                "control_image_2": lambda: ControlImage(max_upload_mb=limits.max_upload_mb),
+                "controlnet_conditioning_scale_2": lambda: gr.Number(1.0),
+                "control_guidance_start_2": lambda: gr.Number(0.0), "control_guidance_end_2": lambda: gr.Number(1.0),
+                "control_preprocess_2": lambda: gr.Checkbox(True),
             }
             names = overrides["names"]
             return [spec[name]() for name in names]

@@ -113,6 +113,51 @@ def test_controlnet_changes_the_image(client):
     assert not np.array_equal(pixels(plain), pixels(controlled))
 
 
+def test_every_control_type_and_a_second_control_through_the_api(client):
+    """Each control type runs on the tiny model (its random ControlNet and detector); a second control,
+    its scale and window reach the PNG, and the detector knobs change the map (and so the image)."""
+    from gradio_client import handle_file
+
+    pixels = lambda path: np.asarray(Image.open(path))  # noqa: E731
+    for control_type in ("canny", "lineart", "softedge", "openpose"):
+        path, info = client.predict(prompt="", seed=4, steps=1, control_type=control_type,
+                                    control_image=handle_file(HOUSE), detect_resolution=128, api_name="/generate")
+        assert info["settings"]["control_type"] == control_type
+    one, _ = client.predict(prompt="", seed=4, steps=STEPS, control_type="canny", control_image=handle_file(HOUSE),
+                            api_name="/generate")
+    two, info = client.predict(prompt="", seed=4, steps=STEPS, control_type="canny", control_image=handle_file(HOUSE),
+                               control_type_2="softedge", control_image_2=handle_file("assets/control_rings.png"),
+                               controlnet_conditioning_scale_2=0.6, control_guidance_end_2=0.5,
+                               control_preprocess_2=False, api_name="/generate")
+    stored = read_png_settings(two)
+    assert (stored["control_type_2"], stored["controlnet_conditioning_scale_2"], stored["control_guidance_end_2"],
+            stored["control_preprocess_2"]) == ("softedge", 0.6, 0.5, False)
+    assert not np.array_equal(pixels(one), pixels(two))
+    strict, _ = client.predict(prompt="", seed=4, steps=STEPS, control_type="canny", control_image=handle_file(HOUSE),
+                               canny_low_threshold=250, canny_high_threshold=255, api_name="/generate")
+    assert not np.array_equal(pixels(one), pixels(strict))
+    images, infos = client.predict(prompt="", seed=4, steps=1, control_type="openpose",
+                                   control_image=handle_file(HOUSE), control_type_2="canny",
+                                   control_image_2=handle_file(HOUSE), api_name="/compare")
+    assert len(images) == 4
+
+
+@pytest.mark.parametrize("bad, named", [
+    (dict(control_type_2="canny"), "control_type_2 ('canny') needs a first control_type"),
+    (dict(control_type="canny", control_type_2="canny"), "control_image"),
+    (dict(detect_resolution=10), "detect_resolution must be an integer in [64, 2048], got 10"),
+    (dict(canny_low_threshold=300), "low_threshold must be an integer in [0, 255], got 300"),
+    (dict(controlnet_conditioning_scale_2=11), "controlnet_conditioning_scale_2"),
+    (dict(control_guidance_start_2=0.9, control_guidance_end_2=0.1), "control_guidance_2"),
+])
+def test_second_control_and_knob_errors_are_named(client, bad, named):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as error:
+        client.predict(**{"prompt": "x", "steps": 1, **bad}, api_name="/generate")
+    assert named in str(error.value)
+
+
 @pytest.mark.parametrize("bad, named", [
     (dict(width=60), "60"),
     (dict(seg_blur_sigma="abc"), "'abc'"),
