@@ -43,6 +43,7 @@ from seg_core.studio import (
     parse_sigma,
     parse_values,
 )
+from seg_core.control import Detection
 from seg_core.presets import model_for_hardware
 from seg_core.space import ABOUT, CITATION, LICENSE_NOTE, PAPER_URL, duplicate_hint, example_rows, rendered_examples
 from seg_core.zerogpu import GPU, in_gpu_worker
@@ -215,6 +216,13 @@ class ControlImage(gr.Image):
         return data
 
 
+#: UI controls passed to Settings as they are (the panel's knobs and its second control).
+UI_CONTROL_FIELDS = ("control_guidance_start", "control_guidance_end", "control_preprocess", "detect_resolution",
+                     "canny_low_threshold", "canny_high_threshold", "openpose_hands", "openpose_face",
+                     "control_type_2", "controlnet_conditioning_scale_2", "control_guidance_start_2",
+                     "control_guidance_end_2", "control_preprocess_2")
+
+
 def rendered_note(example: dict) -> str:
     """The caption of an example's results shown before anyone clicks."""
     what = f"“{example['prompt']}”" if example["prompt"] else "unconditional (no prompt)"
@@ -269,6 +277,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         control_type = values["control_type"] or "none"
         if control_type != "none" and values["control_image"] is None:
             raise gr.Error(f"ControlNet '{control_type}': upload a control image or pick an example first")
+        if (values["control_type_2"] or "none") != "none" and values["control_image_2"] is None:
+            raise gr.Error(f"Second control '{values['control_type_2']}': upload its image first")
         settings = studio.settings(
             prompt=values["prompt"], negative_prompt=values["negative_prompt"], seed=seed,
             steps=int(values["steps"]), width=width, height=height,
@@ -279,6 +289,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
             perturbation_guidance_end=float(values["guidance_end"]),
             control_type=control_type,
             controlnet_conditioning_scale=float(values["controlnet_conditioning_scale"]),
+            **{name: values[name] for name in UI_CONTROL_FIELDS},
         )
         return settings, values["control_image"]
 
@@ -321,10 +332,15 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     @show_errors
     def ui_generate(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                     log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
-                    control_image, controlnet_conditioning_scale, num_images=1, progress=gr.Progress()):
+                    control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                    control_preprocess, detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands,
+                    openpose_face, control_type_2, control_image_2, controlnet_conditioning_scale_2,
+                    control_guidance_start_2, control_guidance_end_2, control_preprocess_2, num_images=1,
+                    progress=gr.Progress()):
         settings, image = ui_settings(locals())
         runs, control = studio.generate_images(settings, int(num_images), image,
-                                               progress=progress_reporter(progress), should_stop=cancellation_check())
+                                               progress=progress_reporter(progress), should_stop=cancellation_check(),
+                                               control_image_2=control_image_2)
         run = runs[0]
         info = run.info()
         method = run.settings.method
@@ -343,12 +359,15 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     @show_errors
     def ui_compare(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                    log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
-                   control_image, controlnet_conditioning_scale, sag_scale, pag_scale, one_loop,
-                   progress=gr.Progress()):
+                   control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                    control_preprocess, detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands,
+                    openpose_face, control_type_2, control_image_2, controlnet_conditioning_scale_2,
+                    control_guidance_start_2, control_guidance_end_2, control_preprocess_2, sag_scale, pag_scale,
+                   one_loop, progress=gr.Progress()):
         settings, image = ui_settings(locals())
         runs, control = studio.compare(settings, image, float(sag_scale), float(pag_scale),
                                        progress=progress_reporter(progress), should_stop=cancellation_check(),
-                                       one_loop=bool(one_loop))
+                                       one_loop=bool(one_loop), control_image_2=control_image_2)
         paths = {run.label: run.path for run in runs}
         labels = list(paths)
         gallery = [(run.path, run.label) for run in runs]  # times and UNet evaluations: in the table
@@ -364,24 +383,29 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     @show_errors
     def ui_sweep(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
                  log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
-                 control_image, controlnet_conditioning_scale, sweep_sigmas, sweep_axis, sweep_values,
-                 progress=gr.Progress()):
+                 control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                    control_preprocess, detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands,
+                    openpose_face, control_type_2, control_image_2, controlnet_conditioning_scale_2,
+                    control_guidance_start_2, control_guidance_end_2, control_preprocess_2, sweep_sigmas, sweep_axis,
+                 sweep_values, progress=gr.Progress()):
         settings, image = ui_settings(locals())
         sigmas, axis, values = ui_sweep_axes(locals())
         sweep, control = studio.sweep(settings, sigmas, axis, values, image, progress=progress_reporter(progress),
-                                      should_stop=cancellation_check())
+                                      should_stop=cancellation_check(), control_image_2=control_image_2)
         info = sweep.info()
         text = (f"Seed **{settings.seed}** · {len(info['runs'])} images · {info['seconds']:.2f} s · "
                 f"{info['unet_evaluations']} UNet evaluations. The PNG carries all settings and both axes.")
         return sweep.path, sweep.path, text, settings.seed, control
 
     @show_errors
-    def ui_control_map(control_type, control_image, size):
+    def ui_control_map(control_type, control_image, size, preprocess=True, detect_resolution=512, low=100, high=200,
+                       hands=False, face=False):
         if control_type in (None, "none") or control_image is None:
             return None
         width, height = parse_size(size)
+        detection = Detection(bool(preprocess), int(detect_resolution), int(low), int(high), bool(hands), bool(face))
         try:
-            return studio.control_map(control_type, control_image, width, height)
+            return studio.control_map(control_type, control_image, width, height, detection)
         except RuntimeError as error:
             gr.Warning(f"{error}. Choose 'canny' or 'none'.")
             return None
@@ -541,6 +565,43 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                     controlnet_conditioning_scale = gr.Slider(0, 2, value=1.0, step=0.05,
                                                               label="ControlNet conditioning scale",
                                                               elem_id="controlnet-scale")
+                    with gr.Row():
+                        control_guidance_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Control from",
+                                                           elem_id="control-start")
+                        control_guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Control until",
+                                                         elem_id="control-end")
+                    control_preprocess = gr.Checkbox(True, label="Detect the map (off: the image already is a "
+                                                     "control map)", elem_id="control-preprocess")
+                    with gr.Row():
+                        detect_resolution = gr.Slider(64, 2048, value=512, step=64, label="Detect resolution",
+                                                      elem_id="detect-resolution")
+                        canny_low_threshold = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold",
+                                                        elem_id="canny-low")
+                        canny_high_threshold = gr.Slider(0, 255, value=200, step=1, label="Canny high threshold",
+                                                         elem_id="canny-high")
+                    with gr.Row():
+                        openpose_hands = gr.Checkbox(False, label="OpenPose: hands", elem_id="openpose-hands")
+                        openpose_face = gr.Checkbox(False, label="OpenPose: face", elem_id="openpose-face")
+                    with gr.Accordion("Second control (read with the first by the union ControlNet)", open=False,
+                                      elem_id="second-control"):
+                        control_type_2 = gr.Radio(control_choices, value="none", label="Second control",
+                                                  elem_id="control-type-2")
+                        with gr.Row():
+                            control_image_2 = ControlImage(label="Second control image", sources=["upload", "clipboard"],
+                                                           height=200, elem_id="control-image-2",
+                                                           max_upload_mb=limits.max_upload_mb)
+                            control_map_2 = gr.Image(label="Second control map", interactive=False, height=200,
+                                                     format="png", elem_id="control-map-2")
+                        controlnet_conditioning_scale_2 = gr.Slider(0, 2, value=1.0, step=0.05,
+                                                                    label="Second control's scale",
+                                                                    elem_id="controlnet-scale-2")
+                        with gr.Row():
+                            control_guidance_start_2 = gr.Slider(0, 1, value=0.0, step=0.05, label="From",
+                                                                 elem_id="control-start-2")
+                            control_guidance_end_2 = gr.Slider(0, 1, value=1.0, step=0.05, label="Until",
+                                                               elem_id="control-end-2")
+                        control_preprocess_2 = gr.Checkbox(True, label="Detect the map (off: a ready map)",
+                                                           elem_id="control-preprocess-2")
 
             with gr.Column(scale=3, min_width=340, elem_id="outputs"):
                 with gr.Tabs():
@@ -615,7 +676,10 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         # ---- events ---------------------------------------------------------------------------------
         common = [prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale, log2_sigma,
                   infinite_sigma, applied_layers, guidance_start, guidance_end, control_type, control_image,
-                  controlnet_conditioning_scale]
+                  controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_preprocess,
+                  detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands, openpose_face,
+                  control_type_2, control_image_2, controlnet_conditioning_scale_2, control_guidance_start_2,
+                  control_guidance_end_2, control_preprocess_2]
         events = dict(concurrency_limit=1, concurrency_id="generation", api_visibility="private")
         generated = [result, result_images, seed, result_info, control_map]
         generate_button.click(ui_generate, common + [num_images], generated, **events)
@@ -633,8 +697,11 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
 
         left.change(show_pair, [compare_paths, left, right], pair, api_visibility="private")
         right.change(show_pair, [compare_paths, left, right], pair, api_visibility="private")
-        for trigger in (control_type.change, control_image.change, size.change):
-            trigger(ui_control_map, [control_type, control_image, size], control_map, api_visibility="private")
+        knobs = [detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands, openpose_face]
+        for first, image, preprocess, shown in ((control_type, control_image, control_preprocess, control_map),
+                                                (control_type_2, control_image_2, control_preprocess_2, control_map_2)):
+            for trigger in (first.change, image.change, size.change, preprocess.change, *(k.change for k in knobs)):
+                trigger(ui_control_map, [first, image, size, preprocess, *knobs], shown, api_visibility="private")
         # One σ on screen: the box and the tick agree (the slider's top is ∞).
         log2_sigma.input(lambda v: v >= LOG2_SIGMA_MAX, log2_sigma, infinite_sigma, api_visibility="private",
                          queue=False)

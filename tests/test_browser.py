@@ -273,3 +273,43 @@ def test_a_phone_sees_the_buttons_and_all_four_images(browser):
     phone.shot("phone-compare.png", full_page=False)
     phone.no_errors()
     page.close()
+
+
+def test_a_second_control_from_the_panel(browser, tmp_path):
+    """Canny from an upload plus a second control (soft edge, a ready map, its own scale and window) in the
+    ControlNet panel: the image shown is the library's union-ControlNet call with both maps, pixel for pixel."""
+    from PIL import ImageOps
+
+    from seg_core.presets import preprocess_control
+    from seg_core.studio import load_control_image
+
+    ui = Page(browser)
+    page, demo = ui.page, ui.demo
+    upload, rings = control_pattern(tmp_path), "assets/control_rings.png"
+    page.fill("#prompt textarea", "a lighthouse")
+    ui.number("steps", 2)
+    page.get_by_text("ControlNet", exact=True).first.click()
+    page.locator("#control-type").get_by_text("canny").click()
+    page.set_input_files("#control-image input[type=file]", upload)
+    page.wait_for_selector("#control-map img")
+    page.locator("#second-control").get_by_text("Second control (read with the first").click()
+    page.locator("#control-type-2").get_by_text("softedge").click()
+    page.set_input_files("#control-image-2 input[type=file]", rings)
+    page.locator("#control-preprocess-2 input").uncheck()
+    page.wait_for_selector("#control-map-2 img")
+    ui.number("controlnet-scale-2", 0.6)
+    ui.number("control-end-2", 0.5)
+    ui.shot("second-control.png")
+    ui.click_and_wait_for_image("#generate-button", "#result")
+
+    def fitted(path):
+        return ImageOps.fit(load_control_image(path), (64, 64), Image.LANCZOS)
+
+    expected = library(demo, ("canny", "softedge"), prompt="a lighthouse", seed=0, num_inference_steps=2, width=64,
+                       height=64, guidance_scale=1.0, seg_scale=3.0, seg_blur_sigma=float("inf"),
+                       image=[preprocess_control("canny", fitted(upload)), fitted(rings).convert("RGB")],
+                       control_mode=[3, 2], controlnet_conditioning_scale=[1.0, 0.6],
+                       control_guidance_start=[0.0, 0.0], control_guidance_end=[1.0, 0.5])
+    assert np.array_equal(ui.pixels("#result img"), expected)
+    ui.no_errors()
+    page.close()
