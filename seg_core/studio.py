@@ -917,15 +917,18 @@ class Studio:
                               control, steps) for i in range(count)]
         return runs, preview
 
-    def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float = 1.0,
-                pag_scale: float = 3.0, progress: Progress | None = None,
+    def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float | None = None,
+                pag_scale: float | None = None, progress: Progress | None = None,
                 should_stop: Callable[[], bool] | None = None,
                 one_loop: bool = False, control_image_2=None) -> tuple[list[Run], Image.Image | None]:
-        """Vanilla SDXL, SAG, PAG and SEG from the same seed and settings (SEG with ``settings``' scale).
+        """Vanilla, SAG, PAG and SEG from the same seed and settings (SEG with ``settings``' scale; SAG and
+        PAG scales left out are the model profile's).
 
         ``one_loop`` renders the four in one denoising loop with batched UNet calls (seg_core.compare):
         the same images, faster where UNet calls are launch-bound (a GPU), but one time for all four.
         """
+        sag_scale = self.profile.sag_scale if sag_scale is None else sag_scale
+        pag_scale = self.profile.pag_scale if pag_scale is None else pag_scale
         if sag_scale <= 0 or pag_scale <= 0 or settings.seg_scale <= 0:
             raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
                              f"{sag_scale}, {pag_scale} and {settings.seg_scale}")
