@@ -208,6 +208,11 @@ def canny_edges(image: Image.Image, detection: Detection = Detection()) -> Image
     _import_aux()
     from controlnet_aux.canny import CannyDetector
 
+    if detection.detect_resolution >= min(image.size):  # no finer than the image: Canny on its own pixels
+        import cv2
+
+        return _gray_to_rgb(cv2.Canny(np.asarray(image.convert("RGB")), detection.low_threshold,
+                                      detection.high_threshold))
     return CannyDetector()(image, low_threshold=detection.low_threshold, high_threshold=detection.high_threshold,
                            detect_resolution=detection.detect_resolution,
                            image_resolution=detection.detect_resolution, output_type="pil")
