@@ -89,7 +89,7 @@ def guided_step(unet, model, methods, do_cfg, share):
     for method in methods:
         method.bind(unet)
     plan, sharing = BranchPlan(), DownBlockSharing() if share else None
-    step = GuidedStep(methods, plan, 5.0 if do_cfg else 1.0, do_cfg, sharing=sharing)
+    step = GuidedStep(methods, plan, sharing=sharing)
     scheduler = Scheduler()
 
     def run(x, t):
@@ -97,7 +97,7 @@ def guided_step(unet, model, methods, do_cfg, share):
             stack.enter_context(patched_self_attention(unet, step.patched_layers(), plan))
             if sharing is not None:
                 stack.enter_context(shared_down_blocks(unet, sharing))
-            return step(model, x, t, 0, 1, scheduler)
+            return step(model, x, t, 0, 1, scheduler, 5.0 if do_cfg else 1.0, do_cfg)
 
     return run
 

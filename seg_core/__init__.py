@@ -1,7 +1,7 @@
 """Smoothed Energy Guidance (Hong, NeurIPS 2024) for Stable Diffusion XL, with PAG and SAG to compare."""
 
 from .blur import INFINITE_SIGMA_THRESHOLD, blur_tokens, is_infinite_sigma, paper_kernel_size
-from .guidance import classifier_free_guidance, smoothed_energy_guidance, weakened_model_guidance
+from .guidance import GuidanceTerm, classifier_free_guidance, guided_prediction, weakened_model_guidance
 from .methods import PAG, SAG, SEG, GuidanceMethod
 from .pipeline import StableDiffusionXLSEGPipeline, build_guidance_methods
 from .presets import CONTROLNETS, MODELS, load_pipeline, pick_runtime, preprocess_control, with_controlnet
@@ -11,6 +11,7 @@ __all__ = [
     "CONTROLNETS",
     "MODELS",
     "GuidanceMethod",
+    "GuidanceTerm",
     "PAG",
     "SAG",
     "SEG",
@@ -24,6 +25,6 @@ __all__ = [
     "pick_runtime",
     "preprocess_control",
     "with_controlnet",
-    "smoothed_energy_guidance",
+    "guided_prediction",
     "weakened_model_guidance",
 ]

@@ -8,6 +8,7 @@ others.  :func:`patched_self_attention` installs the processors and always puts 
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from contextlib import contextmanager
@@ -227,11 +228,20 @@ class BranchAttnProcessor:
         self.original = original
         self.layer_name = layer_name
         self.plan = plan
+        self._accepts = accepted_keywords(original)
+
+    def call_original(self, attn, hidden_states, encoder_hidden_states, attention_mask, extra):
+        """The original processor, called as ``Attention.forward`` calls one: the states and the mask by
+        keyword, anything else only if its signature takes it (SlicedAttnProcessor takes no ``temb``)."""
+        extra = {k: v for k, v in extra.items() if self._accepts is None or k in self._accepts}
+        return self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **extra)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        extra = kwargs if temb is None else {"temb": temb, **kwargs}
         changes = self.plan.changes.get(self.layer_name)
         if not changes or encoder_hidden_states is not None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, extra)
         sizes = self.plan.sizes
         n = len(sizes)
         if hidden_states.shape[0] != sum(sizes):
@@ -249,11 +259,19 @@ class BranchAttnProcessor:
             if start < index:
                 rows = torch.cat(chunks[start:index]) if index - start > 1 else chunks[start]
                 mask = torch.cat(masks[start:index]) if masks[start] is not None else None
-                outputs.append(self.original(attn, rows, None, mask, temb, **kwargs))
+                outputs.append(self.call_original(attn, rows, None, mask, extra))
             if index < n:
                 outputs.append(changes[index](attn, chunks[index], grid, temb))
             start = index + 1
         return torch.cat(outputs)
+
+
+def accepted_keywords(processor) -> set[str] | None:
+    """The keyword arguments ``processor`` takes (None: any, it has ``**kwargs``)."""
+    parameters = inspect.signature(processor).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from .attention import (
     resolve_layers,
 )
 from .blur import blur_image
-from .guidance import classifier_free_guidance, weakened_model_guidance
+from .guidance import GuidanceTerm, guided_prediction
 
 class Branch(NamedTuple):
     """One branch of a UNet call: the conditioning it gets ("uncond" or "cond"), on which image rows
@@ -235,14 +235,10 @@ class GuidedStep:
     SEG authors and diffusers' PAG pipelines; then methods that need more calls (SAG) make them.
     """
 
-    def __init__(self, methods: Sequence[GuidanceMethod], plan, guidance_scale: float, do_cfg: bool,
-                 guidance_rescale: float = 0.0, sharing=None):
+    def __init__(self, methods: Sequence[GuidanceMethod], plan, sharing=None):
         self.methods = list(methods)
         self.plan = plan
         self.sharing = sharing  # a DownBlockSharing, when the UNet's down blocks are hooked for it
-        self.guidance_scale = guidance_scale
-        self.do_cfg = do_cfg
-        self.guidance_rescale = guidance_rescale
 
     def patched_layers(self) -> list[str]:
         names: list[str] = []
@@ -250,9 +246,12 @@ class GuidedStep:
             names.extend(n for n in method.layers if n not in names)
         return names
 
-    def __call__(self, model: ModelFn, x: torch.Tensor, t, step: int, num_steps: int, scheduler):
+    def __call__(self, model: ModelFn, x: torch.Tensor, t, step: int, num_steps: int, scheduler,
+                 guidance_scale: float, do_cfg: bool, guidance_rescale: float = 0.0):
+        """The guided prediction at step ``step`` of ``num_steps``; CFG's settings are read per step (a
+        callback may change them, as in diffusers)."""
         active = [m for m in self.methods if m.is_active(step, num_steps)]
-        branches = [Branch("uncond")] if self.do_cfg else []
+        branches = [Branch("uncond")] if do_cfg else []
         branches.append(Branch("cond"))
         keys: list = [b.role for b in branches]
         changes: dict[str, dict[int, AttentionChange]] = {}
@@ -287,19 +286,24 @@ class GuidedStep:
             self.plan.set([], {}, None)
             if self.sharing is not None:
                 self.sharing.set(None)
-        state = StepState(x, t, scheduler, model, self.do_cfg, dict(zip(keys, prediction.split(sizes))))
+        state = StepState(x, t, scheduler, model, do_cfg, dict(zip(keys, prediction.split(sizes))))
         eps_cond = state.outputs["cond"]
-        eps = classifier_free_guidance(state.outputs["uncond"], eps_cond, self.guidance_scale) if self.do_cfg else eps_cond
-        for method in active:
-            term = (method.reference_prediction(state), method.weak_prediction(state), method.scale_at(t))
-            if method.rows is None:
-                eps = weakened_model_guidance(eps, *term)
-            else:
-                rows = torch.tensor(method.rows, device=eps.device)
-                eps = eps.index_copy(0, rows, weakened_model_guidance(eps.index_select(0, rows), *term))
-        if self.do_cfg and self.guidance_rescale > 0.0:
-            eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=self.guidance_rescale)
+        terms = [guidance_term(method, state, batch) for method in active]
+        eps = guided_prediction(eps_cond, terms, state.outputs.get("uncond"), guidance_scale)
+        if do_cfg and guidance_rescale > 0.0:
+            eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=guidance_rescale)
         return eps
+
+
+def guidance_term(method: GuidanceMethod, state: StepState, batch: int) -> GuidanceTerm:
+    """``method``'s (reference, weak, scale) over all ``batch`` rows; rows it does not guide get zeros in
+    both predictions, so their term adds exactly nothing."""
+    reference, weak = method.reference_prediction(state), method.weak_prediction(state)
+    if method.rows is not None:
+        rows = torch.tensor(method.rows, device=reference.device)
+        zeros = reference.new_zeros((batch, *reference.shape[1:]))
+        reference, weak = zeros.index_copy(0, rows, reference), zeros.index_copy(0, rows, weak)
+    return GuidanceTerm(reference, weak, method.scale_at(state.t))
 
 
 def select_rows(tensor: torch.Tensor, rows: Sequence[int] | None) -> torch.Tensor:

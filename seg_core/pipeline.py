@@ -113,14 +113,14 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
 
     def _check_call(self, height, width, num_inference_steps, guidance_scale, guidance_rescale, image,
                     controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                    prompts=(), num_images_per_prompt=1, eta=0.0, denoising_end=None, clip_skip=None):
+                    prompts=(), num_images_per_prompt=1, eta=0.0, denoising_end=None, clip_skip=None,
+                    timesteps=None, sigmas=None):
         for name, value in (("height", height), ("width", width)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8 (at least 8), got {value!r}")
             if value is not None and value > MAX_SIDE:
                 raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_SIDE}], got {value}")
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {num_inference_steps!r}")
+        _check_schedule(num_inference_steps, timesteps, sigmas)
         check_scale("guidance_scale", guidance_scale)
         check_scale("guidance_rescale", guidance_rescale, 1.0)
         check_scale("eta", eta, 1.0)
@@ -161,7 +161,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         prompt_2: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = 50,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
         denoising_end: float | None = None,
@@ -253,7 +253,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                          prompts=(("prompt", prompt), ("prompt_2", prompt_2), ("negative_prompt", negative_prompt),
                                   ("negative_prompt_2", negative_prompt_2)),
                          num_images_per_prompt=num_images_per_prompt, eta=eta, denoising_end=denoising_end,
-                         clip_skip=clip_skip)
+                         clip_skip=clip_skip, timesteps=timesteps, sigmas=sigmas)
         if guidance_methods is None:
             guidance_methods = build_guidance_methods(
                 seg_scale, seg_blur_sigma, seg_applied_layers, seg_blur_target, seg_blur_kernel,
@@ -276,7 +276,8 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         self._cross_attention_kwargs = cross_attention_kwargs
         self._denoising_end = denoising_end
         self._interrupt = False
-        # SAG and guidance-rescale read the CFG flag; diffusers' rule (off for guidance-distilled UNets).
+        # diffusers' rule (off for guidance-distilled UNets). As in diffusers, the loop reads the scale and
+        # this flag again at every step, so a callback may change them (e.g. SDXLCFGCutoffCallback).
         do_cfg = self.do_classifier_free_guidance
 
         if prompt is not None and isinstance(prompt, str):
@@ -427,7 +428,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
 
         plan = BranchPlan()
         sharing = DownBlockSharing() if self.share_down_blocks else None
-        guided = GuidedStep(guidance_methods, plan, guidance_scale, do_cfg, guidance_rescale, sharing)
+        guided = GuidedStep(guidance_methods, plan, sharing)
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
@@ -439,7 +440,14 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                     continue
                 control_scale = controlnet_conditioning_scale * controlnet_keep[i]
                 x = self.scheduler.scale_model_input(latents, t)
-                noise_pred = guided(model, x, t, i, len(timesteps), self.scheduler)
+                do_cfg = self.do_classifier_free_guidance
+                missing = sorted(conditioning["cond"].keys() - conditioning.get("uncond", {}).keys()) if do_cfg else []
+                if missing:
+                    raise ValueError(f"guidance_scale became {self.guidance_scale} at step {i}, but there are no "
+                                     f"unconditional {', '.join(missing)}: a callback that turns CFG on must return "
+                                     "[uncond, cond] rows of prompt_embeds, add_text_embeds and add_time_ids")
+                noise_pred = guided(model, x, t, i, len(timesteps), self.scheduler,
+                                    self.guidance_scale, do_cfg, self.guidance_rescale)
 
                 latents_dtype = latents.dtype
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
@@ -450,7 +458,8 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                     callback_kwargs = self._callback_tensors(callback_on_step_end_tensor_inputs, latents, conditioning, do_cfg)
                     outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = outputs.pop("latents", latents)
-                    self._apply_callback_tensors(outputs, conditioning, do_cfg)
+                    # Returned embeddings are laid out for the next step, as the callback has left CFG.
+                    self._apply_callback_tensors(outputs, conditioning, self.do_classifier_free_guidance)
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
@@ -474,11 +483,16 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         return {name: tensors[name] for name in names}
 
     def _apply_callback_tensors(self, outputs, conditioning, do_cfg):
+        rows = conditioning["cond"]["prompt_embeds"].shape[0]
+        roles = ("uncond", "cond") if do_cfg else ("cond",)
         for name, key in self._callback_roles.items():
             if name in outputs:
-                roles = ("uncond", "cond") if do_cfg else ("cond",)
-                for role, part in zip(roles, outputs[name].chunk(len(roles))):
-                    conditioning[role][key] = part
+                if outputs[name].shape[0] != len(roles) * rows:
+                    raise ValueError(f"callback returned {name} with {outputs[name].shape[0]} rows; with "
+                                     f"classifier-free guidance {'on' if do_cfg else 'off'} it needs "
+                                     f"{len(roles)} x {rows} ({' then '.join(roles)})")
+                for role, part in zip(roles, outputs[name].split(rows)):
+                    conditioning.setdefault(role, {})[key] = part
 
     def decode_latents_to_images(self, latents: torch.Tensor, output_type: str = "pil"):
         """Decode latents with the VAE exactly as StableDiffusionXLPipeline does, then post-process."""
@@ -510,6 +524,21 @@ def _rows_by_branch(tensor: torch.Tensor, computed: Sequence[str], branches: Seq
     chunks = dict(zip(computed, tensor.chunk(len(computed))))
     zero = torch.zeros_like(chunks[computed[0]])
     return torch.cat([select_rows(chunks.get(b.role, zero), b.rows) for b in branches])
+
+
+def _check_schedule(num_inference_steps, timesteps, sigmas) -> None:
+    """ValueError unless the steps are given as diffusers takes them: a count, or custom timesteps or sigmas
+    (then ``num_inference_steps`` is ignored and may be None)."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass either custom `timesteps` or custom `sigmas`, not both")
+    custom = timesteps if timesteps is not None else sigmas
+    if custom is not None:
+        name = "timesteps" if timesteps is not None else "sigmas"
+        if not 1 <= len(custom) <= MAX_STEPS:
+            raise ValueError(f"{name} must hold 1 to {MAX_STEPS} values, got {len(custom)}")
+        return  # num_inference_steps is ignored, as in diffusers
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
+        raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {num_inference_steps!r}")
 
 
 def _short_repr(value, limit: int = 80) -> str:

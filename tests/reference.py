@@ -36,12 +36,14 @@ def reference_blur_2d(img, sigma):
 
 
 class ReferenceSEGProcessor:
-    """SEG self-attention in the authors' form: the last of ``chunks`` batch chunks has its query,
-    viewed as (B, heads * head_dim, H, W) on a square grid, blurred before attention."""
+    """SEG self-attention in the authors' form: the last of ``chunks`` batch chunks has its query, viewed
+    as (B, heads * head_dim, H, W), blurred before attention. The grid is the authors' square one
+    (isqrt of the token count) unless ``grid`` gives (H, W) explicitly (tokens in row-major order)."""
 
-    def __init__(self, sigma, chunks):
+    def __init__(self, sigma, chunks, grid=None):
         self.sigma = sigma
         self.chunks = chunks
+        self.grid = grid
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         batch, tokens, _ = hidden_states.shape
@@ -50,11 +52,11 @@ class ReferenceSEGProcessor:
         value = attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        side = math.isqrt(tokens)
-        assert side * side == tokens, "the authors' form needs a square grid"
+        height, width = self.grid or (math.isqrt(tokens), math.isqrt(tokens))
+        assert height * width == tokens, f"a {height}x{width} grid does not hold {tokens} tokens"
         *rest, perturbed = query.chunk(self.chunks)
         b = perturbed.shape[0]
-        grid = perturbed.permute(0, 1, 3, 2).reshape(b, attn.heads * head_dim, side, side)
+        grid = perturbed.permute(0, 1, 3, 2).reshape(b, attn.heads * head_dim, height, width)
         grid = reference_blur_2d(grid, self.sigma)
         perturbed = grid.reshape(b, attn.heads, head_dim, tokens).permute(0, 1, 3, 2)
         query = torch.cat([*rest, perturbed])

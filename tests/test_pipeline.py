@@ -7,8 +7,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from conftest import generator
-from seg_core import StableDiffusionXLSEGPipeline, load_pipeline, smoothed_energy_guidance
+from conftest import EXACT, SMALL, generator, in_float64
+from seg_core import StableDiffusionXLSEGPipeline, load_pipeline
 from seg_core.attention import resolve_layers, token_grid
 from seg_core.methods import GuidanceMethod
 
@@ -50,16 +50,45 @@ def test_user_processors_survive_and_serve_the_unchanged_branches(pipe):
     assert mine.rows == 3 * 2  # 3 steps x [uncond, cond]; the SEG and PAG branches are changed
 
 
-def test_processors_restored_when_a_step_raises(pipe):
+def hooks_left(module: torch.nn.Module) -> list[str]:
+    """Names of ``module``'s submodules (itself included) that carry forward hooks of any kind."""
+    return [name or "<root>" for name, m in module.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks or m._forward_hooks_with_kwargs]
+
+
+class FailingProcessor(AttnProcessor2_0):
+    """Ordinary attention that raises on its n-th call: a fault inside the UNet, mid-run."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.calls, self.n = 0, n
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("fault inside the UNet")
+        return super().__call__(*args, **kwargs)
+
+
+def explode(pipeline, step, t, tensors):
+    raise RuntimeError("user callback failed")
+
+
+@pytest.mark.parametrize("where", ["callback", "unet"])
+def test_processors_and_hooks_restored_when_a_step_raises(pipe, where):
+    clean = run(pipe, seg_scale=3.0, pag_scale=1.0, sag_scale=1.0)
+    if where == "unet":  # the first down-block attention, on the second step (its down path is shared)
+        name = [n for n in processors(pipe) if n.startswith("down_blocks.1")][0]
+        pipe.unet.set_attn_processor({**processors(pipe), name: FailingProcessor(3)})
     before = processors(pipe)
-
-    def explode(pipeline, step, t, tensors):
-        raise RuntimeError("user callback failed")
-
-    with pytest.raises(RuntimeError, match="user callback failed"):
-        run(pipe, seg_scale=3.0, sag_scale=1.0, callback_on_step_end=explode)
+    kwargs = dict(callback_on_step_end=explode) if where == "callback" else {}
+    with pytest.raises(RuntimeError, match="user callback failed|fault inside the UNet"):
+        run(pipe, seg_scale=3.0, pag_scale=1.0, sag_scale=1.0, **kwargs)
     assert processors(pipe) == before
-    run(pipe, seg_scale=0)  # and the next call works
+    assert hooks_left(pipe.unet) == []  # down-block sharing hooks every unet.down_blocks[i]
+    if where == "unet":
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+    torch.testing.assert_close(run(pipe, seg_scale=3.0, pag_scale=1.0, sag_scale=1.0), clean, rtol=0, atol=0)
 
 
 def test_calls_do_not_influence_each_other(pipe):
@@ -68,13 +97,14 @@ def test_calls_do_not_influence_each_other(pipe):
     torch.testing.assert_close(run(pipe, seg_blur_sigma=1.0), first, rtol=0, atol=0)
 
 
-def test_batches_match_single_images(pipe):
+def test_batches_match_single_images(pipe64):
+    pipe = pipe64
     prompts = ["a red bicycle", "a blue house"]
-    batch = pipe(prompts, generator=[generator(0), generator(1)], seg_blur_sigma=2.0, sag_scale=0.5,
-                 pag_scale=1.0, **RUN).images
+    kwargs = dict(seg_blur_sigma=2.0, sag_scale=0.5, pag_scale=1.0, **RUN, **SMALL)
+    batch = pipe(prompts, generator=[generator(0), generator(1)], **kwargs).images
     for k, prompt in enumerate(prompts):
-        single = pipe(prompt, generator=generator(k), seg_blur_sigma=2.0, sag_scale=0.5, pag_scale=1.0, **RUN).images
-        torch.testing.assert_close(batch[k : k + 1], single, rtol=1e-4, atol=1e-5)
+        single = pipe(prompt, generator=generator(k), **kwargs).images
+        torch.testing.assert_close(batch[k : k + 1], single, **EXACT)
 
 
 def test_every_option_changes_the_result(pipe):
@@ -107,7 +137,8 @@ def test_empty_prompt_is_unconditional_and_callbacks_see_latents(pipe):
     assert seen == [0, 1, 2] and torch.isfinite(out).all()
 
 
-def test_custom_method_through_the_shared_interface(pipe):
+def test_custom_method_through_the_shared_interface(pipe64):
+    pipe = pipe64
     class NegatedCFG(GuidanceMethod):
         """Guides away from the unconditional prediction: a term of scale * (eps_c - eps_u)."""
 
@@ -122,14 +153,29 @@ def test_custom_method_through_the_shared_interface(pipe):
     method = NegatedCFG(2.0)
     a = run(pipe, guidance_scale=5.0, guidance_methods=[method])
     b = run(pipe, guidance_scale=7.0, seg_scale=0)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a, b, **EXACT)  # the same sum, added in another order
 
 
-def test_equation_10():
-    e_u, e_c, e_s = torch.randn(3, 4, 8)
-    expected = e_u + 5.0 * (e_c - e_u) + 3.0 * (e_c - e_s)
-    torch.testing.assert_close(smoothed_energy_guidance(e_c, e_s, 3.0, e_u, 5.0), expected)
-    torch.testing.assert_close(smoothed_energy_guidance(e_c, e_s, 3.0), e_c + 3.0 * (e_c - e_s))
+def test_the_pipeline_computes_equation_10_through_guided_prediction(pipe, monkeypatch):
+    """Eq. 10 lives in seg_core.guidance.guided_prediction, and the pipeline's noise prediction is its result."""
+    import seg_core.methods
+
+    calls, scheduler_inputs = [], []
+    real = seg_core.methods.guided_prediction
+
+    def recording(eps_cond, terms, eps_uncond, guidance_scale):
+        calls.append((eps_cond, list(terms), eps_uncond, guidance_scale))
+        return real(eps_cond, terms, eps_uncond, guidance_scale)
+
+    monkeypatch.setattr(seg_core.methods, "guided_prediction", recording)
+    step = pipe.scheduler.step
+    monkeypatch.setattr(pipe.scheduler, "step", lambda eps, *a, **k: (scheduler_inputs.append(eps), step(eps, *a, **k))[1])
+    run(pipe, guidance_scale=5.0, seg_scale=3.0, seg_blur_sigma=2.0)
+    assert len(calls) == len(scheduler_inputs) == RUN["num_inference_steps"]
+    for (e_c, terms, e_u, w), eps in zip(calls, scheduler_inputs):
+        (reference, e_seg, s), = terms
+        assert w == 5.0 and s == 3.0 and reference is e_c
+        torch.testing.assert_close(eps, e_u + w * (e_c - e_u) + s * (e_c - e_seg), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("size", [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
@@ -188,12 +234,13 @@ def test_save_and_load_through_the_real_loading_code(tmp_path, pipe, controlnet)
     assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     loaded = load_pipeline(str(tmp_path / "model"), device="cpu")
     loaded.set_progress_bar_config(disable=True)
+    in_float64(pipe.components, loaded.components)
     assert isinstance(loaded, StableDiffusionXLSEGPipeline) and loaded.controlnet is None
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         saved, back = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert all(torch.equal(saved[k], back[k]) for k in saved), name
-    # (transformers may pick another attention kernel for loaded text encoders: float-level differences)
-    torch.testing.assert_close(run(loaded, seg_blur_sigma=2.0), run(pipe, seg_blur_sigma=2.0), rtol=1e-4, atol=1e-4)
+    # (transformers may pick another attention kernel for loaded text encoders: hence float64)
+    torch.testing.assert_close(run(loaded, seg_blur_sigma=2.0), run(pipe, seg_blur_sigma=2.0), **EXACT)
     with_net = load_pipeline(str(tmp_path / "model"), controlnet=str(tmp_path / "controlnet"), device="cpu")
     assert with_net.controlnet is not None
 

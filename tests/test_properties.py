@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from seg_core.attention import resolve_layers, self_attention_layers
 from seg_core.blur import BLUR_KERNELS, blur_matrices, blur_tokens
-from seg_core.guidance import classifier_free_guidance, smoothed_energy_guidance, weakened_model_guidance
+from seg_core.guidance import GuidanceTerm, classifier_free_guidance, guided_prediction, weakened_model_guidance
 from seg_core.tiny import tiny_sdxl_components
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -162,8 +162,9 @@ def eps(seed):
 @given(seed=st.integers(0, 2**16), w=scales, s=scales)
 def test_equation_10_with_and_without_cfg(seed, w, s):
     e_u, e_c, e_s = eps(seed), eps(seed + 1), eps(seed + 2)
-    torch.testing.assert_close(smoothed_energy_guidance(e_c, e_s, s, e_u, w), e_u + w * (e_c - e_u) + s * (e_c - e_s))
-    torch.testing.assert_close(smoothed_energy_guidance(e_c, e_s, s), e_c + s * (e_c - e_s))
+    seg = [GuidanceTerm(e_c, e_s, s)]
+    torch.testing.assert_close(guided_prediction(e_c, seg, e_u, w), e_u + w * (e_c - e_u) + s * (e_c - e_s))
+    torch.testing.assert_close(guided_prediction(e_c, seg), e_c + s * (e_c - e_s))
 
 
 @FAST
@@ -177,7 +178,7 @@ def test_guidance_identities(seed, w, s):
     torch.testing.assert_close(classifier_free_guidance(e_u, e_c, 1.0), e_c)
     torch.testing.assert_close(classifier_free_guidance(e_u, e_c, 0.0), e_u)
     # SEG with eps_seg == eps_c is plain CFG
-    torch.testing.assert_close(smoothed_energy_guidance(e_c, e_c, s, e_u, w), classifier_free_guidance(e_u, e_c, w))
+    torch.testing.assert_close(guided_prediction(e_c, [GuidanceTerm(e_c, e_c, s)], e_u, w), classifier_free_guidance(e_u, e_c, w))
 
 
 @FAST

@@ -53,7 +53,7 @@ def seg_core_sag_loop(pipe, prompt, steps, guidance_scale, sag_scale, size):
     method = SAG(sag_scale)
     method.bind(pipe.unet)
     plan = BranchPlan()
-    step = GuidedStep([method], plan, guidance_scale, do_cfg)
+    step = GuidedStep([method], plan)
 
     def model(x, t, branches):
         assert all(b.rows is None for b in branches)
@@ -64,7 +64,7 @@ def seg_core_sag_loop(pipe, prompt, steps, guidance_scale, sag_scale, size):
     with patched_self_attention(pipe.unet, step.patched_layers(), plan):
         for i, t in enumerate(timesteps):
             x = pipe.scheduler.scale_model_input(latents, t)
-            eps = step(model, x, t, i, len(timesteps), pipe.scheduler)
+            eps = step(model, x, t, i, len(timesteps), pipe.scheduler, guidance_scale, do_cfg)
             latents = pipe.scheduler.step(eps, t, latents).prev_sample
     return latents
 
@@ -75,6 +75,8 @@ def test_sag_matches_diffusers_sd15_pipeline(sd15, guidance_scale, size):
     kwargs = dict(num_inference_steps=4, guidance_scale=guidance_scale, height=size[0], width=size[1])
     expected = sd15("a cat", sag_scale=1.0, generator=generator(), output_type="latent", **kwargs).images
     actual = seg_core_sag_loop(sd15, "a cat", 4, guidance_scale, 1.0, size)
+    # diffusers' pipeline, in float32: its own batching and blur (whose kernel it builds in float32; in
+    # float64 the two still differ by 7e-9 for that reason), so a measured tolerance, 100x the rounding.
     assert ((actual - expected).norm() / expected.norm()) < 1e-5
     without = sd15("a cat", sag_scale=0.0, generator=generator(), output_type="latent", **kwargs).images
     assert ((actual - without).norm() / without.norm()) > 1e-3

@@ -1,10 +1,10 @@
-"""Down-block sharing: the same results as recomputing every branch, with fewer down-block rows."""
+"""Down-block sharing: the same results as recomputing every branch (in float64, to 1e-10), with fewer
+down-block rows."""
 
 import pytest
 import torch
 
-from conftest import generator
-from seg_core import StableDiffusionXLSEGPipeline
+from conftest import EXACT, SMALL, generator, make_pipe
 from test_exactness import control_image
 
 
@@ -21,7 +21,8 @@ def run_counting(pipe, share, **kwargs):
     handles = [pipe.unet.down_blocks[-1].resnets[0].register_forward_pre_hook(count("down")),
                pipe.unet.mid_block.resnets[0].register_forward_pre_hook(count("mid"))]
     try:
-        out = pipe("a red bicycle", num_inference_steps=3, generator=generator(), output_type="latent", **kwargs).images
+        out = pipe("a red bicycle", num_inference_steps=3, generator=generator(), output_type="latent", **SMALL,
+                   **kwargs).images
     finally:
         for handle in handles:
             handle.remove()
@@ -38,19 +39,19 @@ def run_counting(pipe, share, **kwargs):
         (dict(seg_scale=3.0, seg_applied_layers=["d1", "mid"]), 3, 3),  # a changed down layer: no sharing
     ],
 )
-def test_shared_down_blocks_match_recomputation(pipe, kwargs, down_rows_per_step, mid_rows_per_step):
+def test_shared_down_blocks_match_recomputation(pipe64, kwargs, down_rows_per_step, mid_rows_per_step):
+    pipe = pipe64
     unshared, unshared_rows = run_counting(pipe, False, **kwargs)
     shared, shared_rows = run_counting(pipe, True, **kwargs)
-    torch.testing.assert_close(shared, unshared, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared, unshared, **EXACT)
     assert shared_rows == {"down": 3 * down_rows_per_step, "mid": 3 * mid_rows_per_step}
     assert unshared_rows["mid"] == unshared_rows["down"] == shared_rows["mid"]
 
 
-def test_shared_down_blocks_with_controlnet(components, controlnet):
-    pipe = StableDiffusionXLSEGPipeline(**components, controlnet=controlnet, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
+def test_shared_down_blocks_with_controlnet(components64, controlnet64):
+    pipe = make_pipe(components64, controlnet=controlnet64)
     kwargs = dict(image=control_image(), seg_scale=3.0, pag_scale=1.0)
     unshared, _ = run_counting(pipe, False, **kwargs)
     shared, rows = run_counting(pipe, True, **kwargs)
-    torch.testing.assert_close(shared, unshared, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared, unshared, **EXACT)
     assert rows == {"down": 3 * 2, "mid": 3 * 4}
