@@ -271,7 +271,7 @@ class GuidedStep:
                     changes.setdefault(layer, {})[branch] = change
         batch = x.shape[0]
         sizes = [batch if b.rows is None else len(b.rows) for b in branches]
-        self.plan.set(sizes, changes, tuple(x.shape[-2:]))
+        self.plan.set(sizes, changes, tuple(x.shape[-2:]), x.device, x.dtype)
         if self.sharing is not None:
             # Rows changed only at or after the mid block compute the same down path as their role's row.
             in_down = {b for layer, by_branch in changes.items() if layer.startswith("down_blocks.") for b in by_branch}
@@ -279,7 +279,7 @@ class GuidedStep:
                 (k if k in in_down else branch.role, row)
                 for k, branch in enumerate(branches)
                 for row in (range(batch) if branch.rows is None else branch.rows)
-            ])
+            ], x.device)
         try:
             prediction = model(x, t, branches)
         finally:
