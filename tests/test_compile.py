@@ -78,3 +78,23 @@ def test_sharing_builds_its_index_tensors_once_per_layout():
     sharing.set(list(keys))
     assert sharing.keep is keep and sharing.sources is sources
     assert keep.tolist() == [0, 1] and sources.tolist() == [0, 1, 1]
+
+
+def test_demo_flag_compiles_the_unet_shared_by_every_pipeline(monkeypatch):
+    import gradio as gr
+
+    import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda demo, **options: launched.update(studio=demo.studio))
+
+    def compiled_blocks(pipe):
+        return [m for m in pipe.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+    app.main(["--model", "tiny"])
+    assert not compiled_blocks(launched["studio"].pipeline("none"))
+    app.main(["--model", "tiny", "--compile"])
+    pipes = list(launched["studio"]._pipes.values())
+    blocks = [m for m in pipes[0].unet.modules() if type(m).__name__ in pipes[0].unet._repeated_blocks]
+    assert len(pipes) == 2 and all(compiled_blocks(p) == blocks for p in pipes)  # "none" and "canny"
