@@ -50,6 +50,7 @@ def test_every_readme_command_line_is_accepted_by_its_script(script):
         parse_args(argv)  # exits (SystemExit) on an unknown or malformed flag
 
 
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 128 features from a handful of images
 def test_evaluate_script_writes_both_tables(monkeypatch, tmp_path, capsys):
     # Toy size: 12 captions instead of 84 (the sample grid takes 12 per row), 4 images in Table 1, 1 step.
     monkeypatch.setattr(shapes, "LABELS", shapes.LABELS[:12])
@@ -207,3 +208,25 @@ def test_everything_the_code_imports_is_installed_by_the_requirements():
             if not dists & installed:
                 missing.setdefault(module, []).append(path.name)
     assert not missing, f"imported but installed by no requirement in requirements.txt: {missing}"
+
+
+def test_render_examples_script_writes_what_the_app_reads(monkeypatch, tmp_path):
+    assert ["[--model", "M]"] in readme_commands("scripts/render_examples.py")  # `... [--model M]`
+    import seg_core.space
+
+    every_example = seg_core.space.example_rows
+    monkeypatch.setattr(seg_core.space, "example_rows", lambda *args: every_example(*args)[:2])  # toy size
+    out = tmp_path / "examples"
+    run_script(monkeypatch, "scripts/render_examples.py", "--model", "tiny", "--out", str(out), "--threads", "1")
+    entries = json.loads((out / "examples.json").read_text())
+    assert len(entries) == 2 and all((out / entry["grid"]).exists() for entry in entries)
+    assert all(len(entry["images"]) == 4 and all((out / name).exists() for name, _ in entry["images"])
+               for entry in entries)
+
+
+def test_compare_cost_bench_prints_its_summary(monkeypatch, capsys):
+    # (its --sdxl-cpu-estimate mode times SDXL's full-size mid block, half a minute of CPU: not run here)
+    assert ["--model", "embedded", "--threads", "1"] in readme_commands("bench/compare_cost.py")
+    run_script(monkeypatch, "bench/compare_cost.py", "--model", "tiny", "--rounds", "1", "--threads", "1")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["compare_seconds"] > 0 and summary["unet_evaluations"] > 0
