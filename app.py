@@ -27,8 +27,13 @@ from pathlib import Path
 
 import gradio as gr
 from gradio.context import LocalContext
+from gradio.data_classes import ImageData
 from gradio_client.utils import is_http_url_like
+from pydantic import ConfigDict, model_validator
+from starlette.middleware import Middleware
 
+from seg_core.guard import FILE_REFUSED, RequestGuard, is_upload
+from seg_core.methods import check_scale
 from seg_core.studio import (
     GenerationCancelled,
     Limits,
@@ -55,6 +60,14 @@ PIXELATED_STYLE = """<style>
   object-fit: contain; }
 #compare-gallery img, #result-images img { image-rendering: pixelated; }
 </style>"""
+# Every model: on a phone the results (tabs, buttons) come above the settings, and the gallery is 2 x 2.
+PHONE_STYLE = """<style>
+@media (max-width: 760px) {
+  #outputs { order: -1; }
+  #compare-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
+  #compare-gallery, #compare-gallery .grid-wrap { height: auto !important; max-height: none !important; }
+}
+</style>"""
 
 # Amber border, a translucent amber wash and the theme's own text colour: readable on light and dark themes.
 BANNER_STYLE = ("border: 2px solid #e0a800; background: rgba(224, 168, 0, 0.14); color: inherit; "
@@ -70,10 +83,19 @@ def banner_html(markdown: str) -> str:
     return f"<div role='alert' style='{BANNER_STYLE}'>{paragraphs}</div>"
 
 
+#: The σ slider is in log2 σ; its top, 2^14 > 9999, is infinite as for the authors (seg_core.parse_sigma).
+LOG2_SIGMA_MAX = 14.0
+LOG2_SIGMA_DEFAULT = 4.0  # σ 16, where unticking "infinite σ" starts
+
+
 def sigma_label(log2_sigma: float, infinite: bool) -> str:
-    if infinite:
-        return "Blur σ = ∞ (untick 'infinite' to use the slider)"
-    return f"Blur σ = {2 ** log2_sigma:.4g}   (slider in log₂ σ: 0 → 1, 2 → 4, 4 → 16, ...)"
+    if infinite or log2_sigma >= LOG2_SIGMA_MAX:
+        return "Blur σ = ∞ (slider at its top, 14; move it for a finite σ)"
+    return f"Blur σ = {2 ** log2_sigma:.4g}   (slider in log₂ σ: 0 → 1, 2 → 4, 4 → 16, ...; 14 = ∞)"
+
+
+def sigma_from_ui(log2_sigma: float, infinite: bool) -> float:
+    return math.inf if infinite or float(log2_sigma) >= LOG2_SIGMA_MAX else 2.0 ** float(log2_sigma)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -131,37 +153,66 @@ def cancellation_check():
     return should_stop
 
 
+class ControlImageData(ImageData):
+    model_config = ConfigDict(json_schema_extra={"description": (
+        "An image file uploaded with the request (gradio_client: handle_file(path)); server paths and URLs "
+        "are refused.")})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_file_payload(cls, value):
+        """A bare string (a path) or any other non-object: no file, refused in preprocess like a path."""
+        return value if isinstance(value, (dict, ImageData)) else {"path": ""}
+
+
 class ControlImage(gr.Image):
-    """An image input that hands the handler the uploaded file itself, for seg_core to decode defensively
-    (size checked before decoding, modes converted, clear errors), and never fetches a URL a request names.
-    Gradio already refuses paths that are not its own uploads."""
+    """An image input that hands the handler the bytes of a file Gradio received as an upload for this
+    request (or one of the examples it ships, which Gradio copies into its upload folder), for seg_core to
+    decode defensively. Anything else (a server path, with or without Gradio's ``meta``, a URL) is refused
+    with seg_core.guard.FILE_REFUSED, the same words whatever the path; the request guard refuses it
+    before it gets here, this is the second line."""
 
     is_template = True  # the frontend is gr.Image's
+    data_model = ControlImageData
 
     def __init__(self, *args, max_upload_mb: float = Limits.max_upload_mb, **kwargs):
         super().__init__(*args, type="filepath", **kwargs)
         self.max_upload_mb = max_upload_mb
 
+    def get_config(self, cls=None):
+        # The frontend needs gr.Image's props (label, buttons, sources, ...), which Gradio collects from
+        # the constructor's signature: ours has only *args / **kwargs.
+        return super().get_config(cls or gr.Image)
+
+    def example_inputs(self):
+        return {"path": "assets/control_house.png", "meta": {"_type": "gradio.FileData"},
+                "orig_name": "control_house.png"}
+
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         if url_or_file_path is not None and is_http_url_like(str(url_or_file_path)):
-            raise gr.Error("control_image must be an uploaded file; this server fetches no URLs",
-                           print_exception=False)
+            raise gr.Error(FILE_REFUSED, print_exception=False)
         return await super().async_move_resource_to_block_cache(url_or_file_path)
 
     def preprocess(self, payload):
         if payload is None:
             return None
-        if payload.url and payload.url.startswith("data:"):
+        limit = self.max_upload_mb * 2**20
+        if payload.url and payload.url.startswith("data:") and not payload.path:
             encoded = payload.url.partition(",")[2]
-            if len(encoded) * 3 / 4 > self.max_upload_mb * 2**20:
-                raise gr.Error(f"control_image must be at most {self.max_upload_mb:g} MB", print_exception=False)
+            if len(encoded) * 3 / 4 > limit:
+                raise gr.Error(f"control_image must be at most {self.max_upload_mb:g} MB, got "
+                               f"{len(encoded) * 3 / 4 / 2**20:.1f} MB", print_exception=False)
             try:
                 return base64.b64decode(encoded, validate=False)
             except (binascii.Error, ValueError):
                 raise gr.Error("control_image: the data URL is not valid base64", print_exception=False) from None
-        if payload.path is None:
-            raise gr.Error("control_image: no file was uploaded", print_exception=False)
-        return payload.path
+        if not is_upload(payload.path):
+            raise gr.Error(FILE_REFUSED, print_exception=False)
+        with open(payload.path, "rb") as file:  # an upload: its size is ours to report
+            data = file.read(int(limit) + 1)
+        if len(data) > limit:
+            raise gr.Error(f"control_image must be at most {self.max_upload_mb:g} MB", print_exception=False)
+        return data
 
 
 def rendered_note(example: dict) -> str:
@@ -192,7 +243,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     banner. Every model a request can use is loaded here, before ``launch()``.
 
     ``limits`` (seg_core.studio.Limits) bound every request; ``queue_size`` requests may wait, more are
-    refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload size limit.
+    refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload and body size limits
+    and the request guard (seg_core.guard).
     Only the operator picks the model: no request can name one. ``compile``: torch.compile the UNet.
     """
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
@@ -221,7 +273,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
             prompt=values["prompt"], negative_prompt=values["negative_prompt"], seed=seed,
             steps=int(values["steps"]), width=width, height=height,
             guidance_scale=float(values["guidance_scale"]), seg_scale=float(values["seg_scale"]),
-            seg_blur_sigma=math.inf if values["infinite_sigma"] else 2.0 ** float(values["log2_sigma"]),
+            seg_blur_sigma=sigma_from_ui(values["log2_sigma"], values["infinite_sigma"]),
             seg_applied_layers=values["applied_layers"],
             perturbation_guidance_start=float(values["guidance_start"]),
             perturbation_guidance_end=float(values["guidance_end"]),
@@ -258,6 +310,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         """The sweep's sigmas, second axis and its values from the API's arguments."""
         sigmas = parse_values(values["seg_blur_sigmas"], "seg_blur_sigmas", parse_sigma)
         axis = values["second_axis"] or "none"
+        if axis not in ("none", *SWEEP_AXES.values()):
+            raise ValueError(f"second_axis must be 'none', 'seg_scale' or 'guidance_scale', got {axis!r}")
         axis_values = parse_values(values["second_axis_values"], "second_axis_values") if axis != "none" else []
         return sigmas, axis, axis_values
 
@@ -297,8 +351,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                        one_loop=bool(one_loop))
         paths = {run.label: run.path for run in runs}
         labels = list(paths)
-        gallery = [(run.path, f"{run.label} · {'' if run.one_loop else f'{run.seconds:.2f} s · '}"
-                              f"{run.unet_evaluations} UNet evals") for run in runs]
+        gallery = [(run.path, run.label) for run in runs]  # times and UNet evaluations: in the table
         how = (f"all four in one loop, {runs[0].seconds:.2f} s in all" if runs[0].one_loop
                else "one after another")
         return (
@@ -366,7 +419,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         in one denoising loop with batched UNet calls (same images; faster on a GPU; one time for all)."""
         values = locals()
         sag, pag, one_loop = values.pop("sag_scale"), values.pop("pag_scale"), values.pop("one_loop")
-        sag, pag = 1.0 if sag is None else float(sag), 3.0 if pag is None else float(pag)
+        sag = check_scale("sag_scale", 1.0 if sag is None else sag)
+        pag = check_scale("pag_scale", 3.0 if pag is None else pag)
         if not isinstance(one_loop, bool):
             raise gr.Error(f"one_loop must be true or false, got {one_loop!r}", print_exception=False)
         settings, image = api_settings(values)
@@ -411,6 +465,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         first = rendered[0] if rendered else None
         if max(studio.size_presets[0]) < 256:
             gr.HTML(PIXELATED_STYLE, visible="hidden")
+        gr.HTML(PHONE_STYLE, visible="hidden")
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
@@ -420,14 +475,18 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
                                              max_length=limits.max_prompt_chars)
                 with gr.Row():
-                    seg_scale = gr.Slider(0, 10, value=3.0, step=0.1, label="SEG scale",
+                    seg_scale = gr.Slider(0, 10, value=studio.profile.seg_scale, step=0.1, label="SEG scale",
                                           info="the authors keep 3 and vary σ", elem_id="seg-scale")
                     guidance_scale = gr.Slider(1, 15, value=studio.profile.guidance_scale, step=0.5, label="CFG scale",
-                                               info="1 = no CFG (the authors' setting)", elem_id="cfg-scale")
+                                               info=f"1 = no CFG, as in the paper's tables; "
+                                                    f"{studio.profile.guidance_scale:g} suits this model",
+                                               elem_id="cfg-scale")
                 with gr.Row():
-                    log2_sigma = gr.Slider(0, 13, value=4, step=0.5, label=sigma_label(4, True),
-                                           elem_id="log2-sigma", scale=3)
-                    infinite_sigma = gr.Checkbox(value=True, label="infinite σ", elem_id="infinite-sigma",
+                    sigma = studio.profile.seg_blur_sigma
+                    start = LOG2_SIGMA_MAX if math.isinf(sigma) else math.log2(sigma)
+                    log2_sigma = gr.Slider(0, LOG2_SIGMA_MAX, value=start, step=0.5, scale=3,
+                                           label=sigma_label(start, math.isinf(sigma)), elem_id="log2-sigma")
+                    infinite_sigma = gr.Checkbox(value=math.isinf(sigma), label="infinite σ", elem_id="infinite-sigma",
                                                  scale=1, min_width=100)
                 with gr.Row():
                     size = gr.Dropdown(sizes, value=sizes[0][1], label="Size (width × height)", elem_id="size")
@@ -442,17 +501,19 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 with gr.Accordion("Advanced", open=False):
                     applied_layers = gr.Dropdown(
                         ["mid", "down", "up"], value=["mid"], multiselect=True, allow_custom_value=True,
-                        label="Applied layers (SEG, and PAG in Compare)",
+                        label="Applied layers (SEG, and PAG in Compare)", elem_id="applied-layers",
                         info="mid, down, up, or single self-attention layers such as m0, d4, u0",
                     )
                     with gr.Row():
-                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05,
+                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05, elem_id="guidance-start",
                                                    label="Guidance from (fraction of steps)")
-                        guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance until")
+                        guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance until",
+                                                 elem_id="guidance-end")
                     with gr.Row():
-                        sag_scale = gr.Slider(0.05, 5, value=1.0, step=0.05, label="SAG scale (Compare)",
-                                              info="the paper compares with 1.0")
-                        pag_scale = gr.Slider(0.1, 10, value=3.0, step=0.1, label="PAG scale (Compare)")
+                        sag_scale = gr.Slider(0.05, 5, value=studio.profile.sag_scale, step=0.05, label="SAG scale (Compare)",
+                                              info="the paper compares with 1.0", elem_id="sag-scale")
+                        pag_scale = gr.Slider(0.1, 10, value=studio.profile.pag_scale, step=0.1, label="PAG scale (Compare)",
+                                              elem_id="pag-scale")
                 with gr.Accordion("ControlNet", open=False):
                     control_type = gr.Radio(control_choices, value="none", label="ControlNet", elem_id="control-type",
                                             info=None if "depth" in control_choices else
@@ -464,11 +525,13 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         control_map = gr.Image(label="Control map (what the ControlNet sees)", interactive=False,
                                                height=200, format="png", elem_id="control-map")
                     if control_examples:
-                        gr.Examples(control_examples, inputs=[control_image], label="Example control images")
+                        gr.Examples(control_examples, inputs=[control_image], label="Example control images",
+                                    elem_id="control-examples")
                     controlnet_conditioning_scale = gr.Slider(0, 2, value=1.0, step=0.05,
-                                                              label="ControlNet conditioning scale")
+                                                              label="ControlNet conditioning scale",
+                                                              elem_id="controlnet-scale")
 
-            with gr.Column(scale=3, min_width=400):
+            with gr.Column(scale=3, min_width=340, elem_id="outputs"):
                 with gr.Tabs():
                     with gr.Tab("Generate", id="generate"):
                         generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
@@ -483,11 +546,12 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                                                label="Images per request (seeds seed, seed + 1, ...)",
                                                visible=studio.max_images > 1)
                     with gr.Tab("Compare", id="compare"):
-                        compare_button = gr.Button("Compare vanilla SDXL · SAG · PAG · SEG", variant="primary",
+                        compare_button = gr.Button(f"Compare {studio.vanilla_label.lower()} · SAG · PAG · SEG", variant="primary",
                                                    elem_id="compare-button")
                         one_loop = gr.Checkbox(studio.pipeline().device.type == "cuda", elem_id="one-loop",
-                                               label="All four in one loop (the same images; faster on a GPU, "
-                                                     "but one time for all four)")
+                                               label="All four in one loop (faster on a GPU, one time for all "
+                                                     "four; the same images up to float rounding: a pixel may "
+                                                     "differ by 1/255)")
                         gallery = gr.Gallery(first and first["images"], label="Same seed, same settings", columns=4,
                                              rows=1, type="filepath", format="png", object_fit="contain", height=230,
                                              elem_id="compare-gallery")
@@ -503,11 +567,13 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                         sweep_sigmas = gr.Textbox("1, 4, 16, 64, inf", label="Blur σ values (columns)",
                                                   info="comma-separated; inf = infinite", elem_id="sweep-sigmas")
                         with gr.Row():
-                            sweep_axis = gr.Radio(list(SWEEP_AXES), value="none", label="Second axis (rows)")
-                            sweep_values = gr.Textbox("1, 3, 5", label="Second axis values")
+                            sweep_axis = gr.Radio(list(SWEEP_AXES), value="none", label="Second axis (rows)",
+                                                  elem_id="sweep-axis")
+                            sweep_values = gr.Textbox("1, 3, 5", label="Second axis values", elem_id="sweep-values")
                         sweep_button = gr.Button("Sweep", variant="primary", elem_id="sweep-button")
-                        grid = gr.Image(label="Sweep (PNG with settings)", type="filepath", format="png",
-                                        interactive=False, elem_id="sweep-grid")
+                        # No label over the grid: it would hide the grid's own title (seed and prompt).
+                        grid = gr.Image(label="Sweep (PNG with settings)", show_label=False, type="filepath",
+                                        format="png", interactive=False, elem_id="sweep-grid")
                         grid_file = gr.File(label="Download the grid")
                         sweep_info = gr.Markdown()
 
@@ -558,7 +624,11 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         right.change(show_pair, [compare_paths, left, right], pair, api_visibility="private")
         for trigger in (control_type.change, control_image.change, size.change):
             trigger(ui_control_map, [control_type, control_image, size], control_map, api_visibility="private")
-        log2_sigma.input(lambda: False, None, infinite_sigma, api_visibility="private", queue=False)
+        # One σ on screen: the box and the tick agree (the slider's top is ∞).
+        log2_sigma.input(lambda v: v >= LOG2_SIGMA_MAX, log2_sigma, infinite_sigma, api_visibility="private",
+                         queue=False)
+        infinite_sigma.input(lambda inf, v: LOG2_SIGMA_MAX if inf else (LOG2_SIGMA_DEFAULT if v >= LOG2_SIGMA_MAX else v),
+                             [infinite_sigma, log2_sigma], log2_sigma, api_visibility="private", queue=False)
         for component in (log2_sigma, infinite_sigma):
             component.change(lambda v, inf: gr.update(label=sigma_label(v, inf)), [log2_sigma, infinite_sigma],
                              log2_sigma, api_visibility="private", queue=False)
@@ -577,8 +647,9 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
                 "steps": lambda: gr.Number(studio.default_steps),
                 "width": lambda: gr.Number(default_w),
                 "height": lambda: gr.Number(default_h),
-                "guidance_scale": lambda: gr.Number(studio.profile.guidance_scale), "seg_scale": lambda: gr.Number(3.0),
-                "seg_blur_sigma": lambda: gr.Textbox("inf"),
+                "guidance_scale": lambda: gr.Number(studio.profile.guidance_scale),
+                "seg_scale": lambda: gr.Number(studio.profile.seg_scale),
+                "seg_blur_sigma": lambda: gr.Textbox(format_sigma(studio.profile.seg_blur_sigma)),
                 "seg_blur_sigmas": lambda: gr.Textbox("1, 4, 16, 64, inf"),
                 "second_axis": lambda: gr.Textbox("none"), "second_axis_values": lambda: gr.Textbox(""),
                 "seg_applied_layers": lambda: gr.Dropdown(["mid", "down", "up"], value=["mid"], multiselect=True,
@@ -611,7 +682,10 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
 
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     demo.studio = studio  # for tests and scripts
-    demo.launch_options = {"max_file_size": int(limits.max_upload_mb * 2**20)}  # bytes
+    public_api = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    guard = Middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, public_api=lambda: public_api)
+    demo.launch_options = {"max_file_size": int(limits.max_upload_mb * 2**20),  # bytes
+                           "app_kwargs": {"middleware": [guard]}}
     return demo
 
 
@@ -641,6 +715,13 @@ def main(argv: list[str] | None = None) -> None:
                        help=f"characters per prompt (default {defaults.max_prompt_chars}; $SEG_MAX_PROMPT_CHARS)")
     limit.add_argument("--max-upload-mb", type=float, default=_env("SEG_MAX_UPLOAD_MB", float, defaults.max_upload_mb),
                        help=f"control image file size in MB (default {defaults.max_upload_mb:g}; $SEG_MAX_UPLOAD_MB)")
+    limit.add_argument("--max-body-mb", type=float, default=_env("SEG_MAX_BODY_MB", float, defaults.max_body_mb),
+                       help="one HTTP request body in MB, refused before it is read (default: room for a base64 "
+                            "upload at --max-upload-mb, + 2 MB; $SEG_MAX_BODY_MB)")
+    limit.add_argument("--memory-budget-gb", type=float,
+                       default=_env("SEG_MEMORY_BUDGET_GB", float, defaults.memory_budget_gb),
+                       help=f"memory one request may use beyond the weights; sizes and methods (SAG) that "
+                            f"need more are refused (default {defaults.memory_budget_gb:g}; $SEG_MEMORY_BUDGET_GB)")
     limit.add_argument("--max-image-side", type=int,
                        default=_env("SEG_MAX_IMAGE_SIDE", int, defaults.max_image_side),
                        help=f"control image sides in pixels (default {defaults.max_image_side}; $SEG_MAX_IMAGE_SIDE)")
@@ -649,7 +730,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
-                        max_upload_mb=args.max_upload_mb, max_image_side=args.max_image_side)
+                        max_upload_mb=args.max_upload_mb, max_image_side=args.max_image_side,
+                        max_body_mb=args.max_body_mb, memory_budget_gb=args.memory_budget_gb)
         if args.queue_size < 1:
             raise ValueError(f"queue_size must be a positive integer, got {args.queue_size}")
     except ValueError as error:

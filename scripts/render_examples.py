@@ -24,9 +24,6 @@ import torch  # noqa: E402
 from seg_core.space import EXAMPLES_DIR, example_rows  # noqa: E402
 from seg_core.studio import Studio, format_sigma, labelled_grid  # noqa: E402
 
-SAG_SCALE, PAG_SCALE = 1.0, 3.0  # the Compare tab's defaults
-
-
 def render(model: str, out: Path, threads: int | None) -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
@@ -36,7 +33,9 @@ def render(model: str, out: Path, threads: int | None) -> list[dict]:
     for number, (prompt, negative, guidance) in enumerate(example_rows(studio.profile.prompts,
                                                                        studio.profile.guidance_scale)):
         settings = studio.settings(prompt=prompt, negative_prompt=negative, guidance_scale=guidance, seed=number)
-        runs, _ = studio.compare(settings, None, SAG_SCALE, PAG_SCALE)
+        # the Compare tab's defaults: the model profile's scales
+        sag_scale, pag_scale = studio.profile.sag_scale, studio.profile.pag_scale
+        runs, _ = studio.compare(settings, None, sag_scale, pag_scale)
         images = []
         for run in runs:
             name = f"{number:02d}-{run.settings.method.lower()}.png"
@@ -44,7 +43,7 @@ def render(model: str, out: Path, threads: int | None) -> list[dict]:
             images.append((name, run.label))
         title = f"seed {settings.seed} · " + (prompt[:60] if prompt else "unconditional")
         grid = labelled_grid([[run.image for run in runs]],
-                             ["vanilla", f"SAG {SAG_SCALE:g}", f"PAG {PAG_SCALE:g}",
+                             ["vanilla", f"SAG {sag_scale:g}", f"PAG {pag_scale:g}",
                               f"SEG {settings.seg_scale:g}, sigma {format_sigma(settings.seg_blur_sigma)}"],
                              title=title, min_cell=128)
         grid.save(out / f"{number:02d}.png", optimize=True)

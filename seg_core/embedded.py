@@ -37,6 +37,23 @@ PROMPTS: tuple[str, ...] = CAPTIONS
 SIZE = IMAGE_SIZE
 #: Denoising steps that suffice (Euler).
 DEFAULT_STEPS = 20
+
+# The demo's defaults on this model, from the scale sweep (README, "Scales as curves"; every point in
+# assets/scale_sweep.json), not from SDXL: each method at the scale with the lowest unconditional plus
+# conditional Frechet distance.
+#: CFG scale: the lowest FD of the CFG sweep over 1.5-7 (10.65; prompt accuracy 37%, 17% without CFG).
+GUIDANCE_SCALE = 5.0
+#: SEG scale, with sigma infinite: FD 23.5 -> 15.7 unconditional, 18.0 -> 13.3 from captions (the
+#: authors' 3.0 gives 23.5 and 25.5 here).
+SEG_SCALE = 1.0
+#: PAG scale: 0.5 is its least harmful (it never beat vanilla sampling in the sweep).
+PAG_SCALE = 0.5
+#: SAG scale: small gains that grow with the scale up to 3 (FD 23.5 -> 21.8 unconditional).
+SAG_SCALE = 3.0
+#: The demo's example prompts. The first: at seed 0 with the defaults above, CFG alone draws a broken
+#: purple outline that the classifier reads as a triangle, CFG + SEG a filled purple square on blue
+#: (tests/test_evaluation.py). On average SEG does not improve on CFG on this model (README).
+EXAMPLE_PROMPTS: tuple[str, ...] = ("a purple square on a blue background",) + CAPTIONS[7::7]
 LATENT_SIZE = IMAGE_SIZE // 2  # the VAE downsamples 2x
 
 

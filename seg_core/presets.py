@@ -186,8 +186,11 @@ def load_depth_estimator():
                 DPTImageProcessor.from_pretrained(DEPTH_ESTIMATOR),
                 DPTForDepthEstimation.from_pretrained(DEPTH_ESTIMATOR, use_safetensors=True).eval(),
             )
-        except Exception as error:  # no network, no cache
-            raise RuntimeError(f"the depth estimator {DEPTH_ESTIMATOR} could not be loaded: {error}") from error
+        except Exception as error:  # no network, no cache: the loader's paragraphs go to the log only
+            logger.warning("depth estimator %s: %s", DEPTH_ESTIMATOR, error)
+            raise RuntimeError(f"control_type 'depth' is not available on this server: its depth estimator "
+                               f"{DEPTH_ESTIMATOR} could not be loaded ({type(error).__name__}); use 'canny' "
+                               f"or 'none'") from None
     return _depth_models[DEPTH_ESTIMATOR]
 
 

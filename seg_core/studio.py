@@ -34,8 +34,10 @@ from PIL.PngImagePlugin import PngInfo
 from .blur import INFINITE_SIGMA_THRESHOLD
 from .attention import resolve_layers
 from .compare import side_by_side
+from .methods import check_interval, check_scale
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
 from . import embedded
+from .limits import Geometry, ModelLimits
 from .zerogpu import GPU, GPUCost, Work, evaluations_per_step, gpu_duration  # noqa: F401 (GPU re-exported)
 from .presets import (DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, load_depth_estimator, load_pipeline, preprocess_control,
                       with_controlnet)
@@ -85,22 +87,30 @@ SMALL_COST = GPUCost(  # the embedded and tiny models: a CPU figure, an upper bo
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """What the demo shows for a model: its size menu, default steps and CFG scale, example prompts
-    (None: the demo's own) and banner; and what it costs on a GPU."""
+    """What the demo shows for a model: its size menu (the sizes it was trained at), default steps and
+    guidance (CFG; SEG scale and σ; the SAG and PAG scales of Compare; SDXL's: the authors' SEG and PAG
+    3.0, σ ∞, SAG 1.0), example prompts (None: the demo's own) and banner; and what it costs on a GPU."""
 
     sizes: list
     steps: int
     guidance_scale: float = 1.0
     prompts: tuple | None = None
     banner: str | None = None
+    seg_scale: float = 3.0  # the authors' defaults
+    seg_blur_sigma: float = math.inf
+    pag_scale: float = 3.0
+    sag_scale: float = 1.0
     gpu_cost: GPUCost = SDXL_COST
 
 
 PROFILES = {
     "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER, gpu_cost=SMALL_COST),
-    # It follows prompts only with CFG (README: The embedded model); it was trained at one size.
-    "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS, guidance_scale=5.0,
-                             prompts=embedded.PROMPTS[::7], banner=EMBEDDED_BANNER, gpu_cost=SMALL_COST),
+    # It follows prompts only with CFG (README: The embedded model); it was trained at one size; its
+    # scales come from the scale sweep (README: Scales as curves).
+    "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS,
+                             guidance_scale=embedded.GUIDANCE_SCALE, prompts=embedded.EXAMPLE_PROMPTS,
+                             banner=EMBEDDED_BANNER, gpu_cost=SMALL_COST, seg_scale=embedded.SEG_SCALE,
+                             pag_scale=embedded.PAG_SCALE, sag_scale=embedded.SAG_SCALE),
 }
 SDXL_PROFILE = ModelProfile(SDXL_SIZES, 25)
 
@@ -121,6 +131,8 @@ class Limits:
     max_image_side: int = 4096  # control image sides after decoding (and at most max_image_side^2 pixels)
     max_sweep_images: int = 64  # images in one sweep
     max_layer_names: int = 32  # entries in seg_applied_layers
+    max_body_mb: float | None = None  # one HTTP request body; None: room for a base64 upload at the limit
+    memory_budget_gb: float = 8.0  # one request's activations (weights not counted); see seg_core.limits
     max_images: int = 4  # images of one Generate request (seeds seed, seed + 1, ...), where the device allows
 
     def __post_init__(self):
@@ -132,12 +144,25 @@ class Limits:
         if not (isinstance(self.max_upload_mb, (int, float)) and math.isfinite(self.max_upload_mb)
                 and self.max_upload_mb > 0):
             raise ValueError(f"max_upload_mb must be a positive number, got {self.max_upload_mb!r}")
+        if not (isinstance(self.memory_budget_gb, (int, float)) and 0 < self.memory_budget_gb < math.inf):
+            raise ValueError(f"memory_budget_gb must be a positive number, got {self.memory_budget_gb!r}")
+        if self.max_body_mb is not None and not (isinstance(self.max_body_mb, (int, float))
+                                                 and self.max_upload_mb < self.max_body_mb < math.inf):
+            raise ValueError(f"max_body_mb must be a number above max_upload_mb ({self.max_upload_mb:g}), "
+                             f"got {self.max_body_mb!r}")
         if self.max_pixels < 64:
             raise ValueError(f"max_pixels must be at least 64 (8x8), got {self.max_pixels}")
         if self.max_steps > 1000:
             raise ValueError(f"max_steps must be at most 1000 (the pipeline's limit), got {self.max_steps}")
         if self.max_image_side < 8:
             raise ValueError(f"max_image_side must be at least 8, got {self.max_image_side}")
+
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The request body limit: ``max_body_mb``, or an upload at the limit as a base64 data URL + 2 MB."""
+        mb = self.max_body_mb if self.max_body_mb is not None else self.max_upload_mb * 4 / 3 + 2
+        return int(mb * 2**20)
 
 
 MIN_IMAGE_SIDE = 8  # pixels: a smaller control image carries nothing to fit to the output size
@@ -274,12 +299,13 @@ def parse_layers(value) -> list[str]:
 
 
 def resolve_seed(seed) -> int:
-    """The seed to use: a random one for None or a negative number."""
+    """The seed to use: a random one for None or -1."""
     if isinstance(seed, float) and not math.isfinite(seed):
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
-    if seed is None or (isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed < 0):
+    if seed is None or (isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed == -1):
         return random.randint(0, MAX_SEED)
-    if isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed) or seed > MAX_SEED:
+    if (isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed) or seed < 0
+            or seed > MAX_SEED):
         raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
     return int(seed)
 
@@ -364,7 +390,12 @@ class Settings:
 def png_info(settings: Settings, extra: dict | None = None) -> PngInfo:
     info = PngInfo()
     data = settings.to_dict() | (extra or {})
-    info.add_text(PNG_PARAMETERS_KEY, settings.describe())
+    text = settings.describe()
+    if extra and "sweep" in extra:  # a grid: its axes replace the single values they vary
+        axes = [extra["sweep"]["columns"], extra["sweep"]["rows"]]
+        text += "\n" + ", ".join(f"Sweep {where}: {axis['axis']} = {', '.join(str(v) for v in axis['values'])}"
+                                for where, axis in zip(("columns", "rows"), axes) if axis["axis"])
+    info.add_text(PNG_PARAMETERS_KEY, text)
     info.add_text(PNG_SETTINGS_KEY, json.dumps(data))
     info.add_text("Software", "seg_core studio (Smoothed Energy Guidance for SDXL)")
     return info
@@ -567,6 +598,7 @@ class Studio:
         self._load_lock = threading.Lock()
         self.output_dir = output_dir or tempfile.mkdtemp(prefix="seg-studio-")
         os.makedirs(self.output_dir, exist_ok=True)
+        self._model_limits: ModelLimits | None = None
         try:
             self.model = model
             self.pipeline("none")
@@ -608,14 +640,40 @@ class Studio:
         return "\n\n".join(lines) or None
 
     @property
+    def model_limits(self) -> ModelLimits:
+        """This model's limits on this server (seg_core.limits): from its geometry, the sizes it was trained
+        at (its size menu) and the operator's memory budget and pixel limit."""
+        if self._model_limits is None:
+            self._model_limits = ModelLimits(
+                Geometry.of(self.pipeline("none")), max(w * h for w, h in self.profile.sizes),
+                int(self.limits.memory_budget_gb * 2**30), self.limits.max_pixels)
+        return self._model_limits
+
+    @property
     def size_presets(self) -> list[tuple[int, int]]:
-        """The model's sizes within the pixel budget (at least the smallest one, shrunk to fit)."""
-        sizes = self.profile.sizes
-        fitting = [(w, h) for w, h in sizes if w * h <= self.limits.max_pixels]
+        """The model's sizes within its pixel limit (at least the smallest one, shrunk to fit)."""
+        max_pixels = self.model_limits.max_pixels
+        fitting = [(w, h) for w, h in self.profile.sizes if w * h <= max_pixels]
         if fitting:
             return fitting
-        side = max(8, int(math.isqrt(self.limits.max_pixels)) // 8 * 8)
+        side = max(8, int(math.isqrt(max_pixels)) // 8 * 8)
         return [(side, side)]
+
+    def request_rows(self, settings: Settings, images: int = 1) -> int:
+        """Batch rows of one UNet call for ``settings``: (uncond +) cond, plus a row per SEG / PAG branch."""
+        cfg = _positive(settings.guidance_scale - 1) and self.pipeline("none").unet.config.time_cond_proj_dim is None
+        return images * (2 if cfg else 1) + _positive(settings.seg_scale) + _positive(settings.pag_scale)
+
+    def check_budget(self, settings: Settings, rows: int | None = None, sag_images: int | None = None) -> None:
+        """ValueError naming the limit when ``settings`` ask more of this model than the server allows."""
+        rows = self.request_rows(settings) if rows is None else rows
+        sag_images = _positive(settings.sag_scale) if sag_images is None else sag_images
+        self.model_limits.check(settings.width, settings.height, rows, sag_images, settings.control_type != "none")
+
+    @property
+    def vanilla_label(self) -> str:
+        """"Vanilla SDXL" on SDXL models; the small offline models are SDXL's architecture, not SDXL."""
+        return "Vanilla" if self.model in OFFLINE_MODELS else "Vanilla SDXL"
 
     @property
     def default_steps(self) -> int:
@@ -675,6 +733,9 @@ class Studio:
         """Settings from keyword arguments (missing ones: this model's defaults), checked and normalised."""
         size = self.size_presets[0]
         values.setdefault("steps", self.default_steps)
+        for name in ("guidance_scale", "seg_scale", "seg_blur_sigma"):
+            if values.get(name) is None:
+                values[name] = getattr(self.profile, name)
         values.setdefault("width", size[0])
         values.setdefault("height", size[1])
         settings = Settings(**{k: v for k, v in values.items() if v is not None})
@@ -686,6 +747,13 @@ class Studio:
         settings.control_type = settings.control_type or "none"
         if settings.control_type not in CONTROL_TYPES:
             raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {settings.control_type!r}")
+        # Checked here, not only by the pipeline: the limits read them first, and the PNG's JSON has no NaN
+        # (the conditioning scale is written even without a ControlNet).
+        settings.controlnet_conditioning_scale = check_scale("controlnet_conditioning_scale",
+                                                             settings.controlnet_conditioning_scale, 10.0)
+        for name in ("guidance_scale", "seg_scale", "pag_scale", "sag_scale"):
+            setattr(settings, name, check_scale(name, getattr(settings, name)))
+        check_interval(settings.perturbation_guidance_start, settings.perturbation_guidance_end, "perturbation_guidance")
         for name in ("steps", "width", "height"):
             value = getattr(settings, name)
             if isinstance(value, float) and value.is_integer():
@@ -697,9 +765,6 @@ class Studio:
             value = getattr(settings, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_SIDE or value % 8:
                 raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_SIDE}], got {value!r}")
-        if settings.width * settings.height > limits.max_pixels:
-            raise ValueError(f"width x height must be at most {limits.max_pixels} pixels on this server, got "
-                             f"{settings.width}x{settings.height} = {settings.width * settings.height}")
         for name in ("prompt", "negative_prompt"):
             value = getattr(settings, name)
             if not isinstance(value, str):
@@ -714,6 +779,7 @@ class Studio:
                 raise ValueError(f"unknown attention layer {layer[:16]!r}... (layer names are short: mid, d4, u0)")
         resolve_layers(self.pipeline("none").unet, settings.seg_applied_layers)  # unknown names: ValueError
         settings.model = self.model_id
+        self.check_budget(settings)
         return settings
 
     def control_map(self, control_type: str, image, width: int, height: int) -> Image.Image | None:
@@ -780,12 +846,17 @@ class Studio:
             raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
                              f"{sag_scale}, {pag_scale} and {settings.seg_scale}")
         variants = [
-            ("Vanilla SDXL", dict(seg_scale=0.0, pag_scale=0.0, sag_scale=0.0)),
+            (self.vanilla_label, dict(seg_scale=0.0, pag_scale=0.0, sag_scale=0.0)),
             (f"SAG (scale {sag_scale:g})", dict(seg_scale=0.0, pag_scale=0.0, sag_scale=sag_scale)),
             (f"PAG (scale {pag_scale:g})", dict(seg_scale=0.0, pag_scale=pag_scale, sag_scale=0.0)),
             (f"SEG (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})",
              dict(pag_scale=0.0, sag_scale=0.0)),
         ]
+        vanilla = dataclasses.replace(settings, seg_scale=0.0, pag_scale=0.0)
+        if one_loop:  # every image's rows in one call; SAG's map on each image's first row
+            self.check_budget(settings, self.request_rows(vanilla, images=len(variants)) + 2, len(variants))
+        else:
+            self.check_budget(vanilla, self.request_rows(vanilla) + 1, 1)
         control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
         _stamp_control(settings, control)
         steps = _StepCounter(settings.steps * len(variants), progress, should_stop)
@@ -866,6 +937,8 @@ class Studio:
         if runs_total > max_runs:
             raise ValueError(f"a sweep may have at most {max_runs} images, got "
                              f"{len(sigmas)} sigmas x {len(row_values)} rows = {runs_total}")
+        for value in row_values:
+            self.check_budget(dataclasses.replace(settings, **({row_axis: float(value)} if row_axis else {})))
         control = self.control_map(settings.control_type, control_image, settings.width, settings.height)
         _stamp_control(settings, control)
         steps = _StepCounter(settings.steps * runs_total, progress, should_stop)
@@ -949,6 +1022,11 @@ class Studio:
         with os.fdopen(handle, "wb") as file:
             image.save(file, format="PNG", pnginfo=png_info(settings, extra))
         return path
+
+
+def _positive(value) -> int:
+    """1 for a number > 0, else 0 (a bad value is named later, by the pipeline's own checks)."""
+    return int(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
 
 
 def _short_error(error: Exception) -> str:

@@ -237,7 +237,73 @@ def test_progress_counts_every_step_of_a_request_and_one_lock_per_model():
     calls = []
     studio.compare(studio.settings(prompt="", seed=0, steps=2), progress=lambda *call: calls.append(call))
     assert [done for done, _, _ in calls] == list(range(1, 9)) and {total for _, total, _ in calls} == {8}
-    assert calls[0][2] == "Vanilla SDXL" and calls[-1][2].startswith("SEG")
+    assert calls[0][2] == "Vanilla" and calls[-1][2].startswith("SEG")
+
+
+# ---- the demo's images equal direct library calls (no setting dropped on the way) -------------------
+
+
+def library_call(client_demo, control_type="none", **kwargs):
+    from app_server import library_image
+
+    return library_image(client_demo.studio.pipeline(control_type), **kwargs)
+
+
+#: A setting of every kind away from its default (σ finite, non-square size, layers, interval, ControlNet).
+EVERY_SETTING = dict(prompt="a corgi", negative_prompt="blurry", seed=11, steps=3, width=72, height=56,
+                     guidance_scale=2.5, seg_scale=2.0, seg_blur_sigma=4.0, seg_applied_layers=["mid", "u1"],
+                     perturbation_guidance_start=0.3, perturbation_guidance_end=0.9,
+                     controlnet_conditioning_scale=0.7)
+
+
+def _library_kwargs(**settings):
+    kwargs = dict(settings)
+    kwargs["num_inference_steps"] = kwargs.pop("steps")
+    kwargs.setdefault("pag_applied_layers", kwargs["seg_applied_layers"])
+    return kwargs
+
+
+def test_generate_equals_a_direct_library_call_pixel_for_pixel(client):
+    from gradio_client import handle_file
+
+    demo, _ = running_demo()
+    path, _ = client.predict(**EVERY_SETTING, pag_scale=1.5, control_type="canny", control_image=handle_file(HOUSE),
+                             api_name="/generate")
+    expected = library_call(demo, "canny", control_image=HOUSE, pag_scale=1.5, **_library_kwargs(**EVERY_SETTING))
+    assert np.array_equal(pixels(path), expected)
+    # Each setting reaches the pipeline: changing it alone changes the image.
+    for name, value in (("seg_blur_sigma", "inf"), ("perturbation_guidance_start", 0.0), ("seg_applied_layers", ["mid"]),
+                        ("negative_prompt", ""), ("controlnet_conditioning_scale", 1.2)):
+        other, _ = client.predict(**{**EVERY_SETTING, name: value}, pag_scale=1.5, control_type="canny",
+                                  control_image=handle_file(HOUSE), api_name="/generate")
+        assert not np.array_equal(pixels(other), expected), name
+
+
+def test_every_compare_method_equals_a_direct_library_call(client):
+    from gradio_client import handle_file
+
+    demo, _ = running_demo()
+    gallery, runs = client.predict(**EVERY_SETTING, sag_scale=0.8, pag_scale=2.5, control_type="canny",
+                                   control_image=handle_file(HOUSE), api_name="/compare")
+    base = _library_kwargs(**EVERY_SETTING)
+    methods = [dict(seg_scale=0.0), dict(seg_scale=0.0, sag_scale=0.8), dict(seg_scale=0.0, pag_scale=2.5), {}]
+    for item, change in zip(gallery, methods):
+        expected = library_call(demo, "canny", control_image=HOUSE, **{**base, **change})
+        assert np.array_equal(pixels(item["image"]), expected), item["caption"]
+
+
+def test_a_sweep_cell_equals_a_direct_library_call(client):
+    from app_server import grid_cells
+
+    demo, _ = running_demo()
+    settings = {k: v for k, v in EVERY_SETTING.items() if k not in ("seg_blur_sigma", "controlnet_conditioning_scale")}
+    grid, info = client.predict(**settings, seg_blur_sigmas="2, inf", api_name="/sweep")
+    base = _library_kwargs(**settings)
+    expected = [[library_call(demo, seg_blur_sigma=sigma, **base) for sigma in (2.0, float("inf"))]]
+    shown, drawn = grid_cells(pixels(grid), expected)
+    assert shown.size > 2 * 64 * 3 and np.array_equal(shown, drawn)
+    parameters = Image.open(grid).info["parameters"]
+    assert "Sweep columns: seg_blur_sigma = 2, inf" in parameters
 
 
 def test_several_images_per_request_are_the_images_of_consecutive_seeds():

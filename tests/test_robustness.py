@@ -4,6 +4,7 @@ Library and service checks run without a server; the rest drive the tiny app thr
 raw HTTP (the API path a script or an attacker uses). Every request is 1-2 steps at 64x64.
 """
 
+import base64
 import io
 import json
 import math
@@ -142,7 +143,8 @@ def small_studio():
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(width=72, height=64), r"width x height must be at most 4096 pixels on this server, got 72x64 = 4608"),
+    (dict(width=72, height=64), r"width x height must be at most 4096 pixels \(64x64\) for this model on this server \(the operator's "
+                                 r"--max-pixels\), got 72x64 = 4608"),
     (dict(width=0), r"width must be a multiple of 8 in \[8, 4096\], got 0"),
     (dict(height=60), r"height must be a multiple of 8 in \[8, 4096\], got 60"),
     (dict(width=float("nan")), r"width must be a multiple of 8 .* got nan"),
@@ -209,7 +211,8 @@ def raw_call(url: str, api_name: str, **data):
 
 
 @pytest.mark.parametrize("bad, named", [
-    (dict(width=2048, height=2056), "at most 4194304 pixels on this server, got 2048x2056"),
+    (dict(width=2048, height=2056), "at most 16384 pixels (128x128) for this model on this server (4x the area "
+                                   "of its largest training size), got 2048x2056"),
     (dict(width=4104), "width must be a multiple of 8 in [8, 4096], got 4104"),
     (dict(steps=10**6), "steps must be an integer in [1, 150], got 1000000"),
     (dict(prompt="x" * 1001), "prompt must be at most 1000 characters, got 1001"),
@@ -344,7 +347,7 @@ def test_upload_size_limit_and_operator_limits_in_the_app():
     assert "size" in str(error.value).lower() or "MB" in str(error.value)
     with pytest.raises(AppError, match=r"steps must be an integer in \[1, 3\], got 4"):
         client.predict(prompt="", steps=4, api_name="/generate")
-    with pytest.raises(AppError, match="at most 4096 pixels on this server"):
+    with pytest.raises(AppError, match="at most 4096 pixels .64x64. for this model on this server"):
         client.predict(prompt="", steps=1, width=72, api_name="/generate")
     _, info = client.predict(prompt="", seed=5, steps=1, api_name="/generate")
     assert info["seed"] == 5
@@ -539,3 +542,38 @@ def test_cancellation_in_the_service_restores_the_model():
         studio.compare(studio.settings(prompt="", seed=0, steps=2), should_stop=lambda: True)
     run, _ = studio.generate(studio.settings(prompt="", seed=0, steps=2))
     assert run.unet_evaluations == 4
+
+
+# ---- every refusal is a readable message naming the value (raw HTTP and gradio_client) -------------------
+
+READABLE_REFUSALS = [
+    ("generate", dict(seed=-5), "seed must be an integer in [0, 4294967295] (or -1 for a random one), got -5"),
+    ("generate", dict(seed="abc"), "got 'abc'"),
+    ("generate", dict(guidance_scale="x"), "guidance_scale must be a finite number in [0, 100], got 'x'"),
+    ("generate", dict(controlnet_conditioning_scale=float("nan")),
+     "controlnet_conditioning_scale must be a finite number in [0, 10], got nan"),
+    ("generate", dict(perturbation_guidance_start="x"), "perturbation_guidance_start must be a fraction in [0, 1]"),
+    ("generate", dict(width=512, height=512), "at most 16384 pixels (128x128) for this model on this server"),
+    ("generate", dict(control_type="depth", control_image={
+        "url": "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (32, 32)))).decode()}),
+     "depth needs its estimator's weights"),
+    ("compare", dict(sag_scale="x"), "sag_scale must be a finite number in [0, 100], got 'x'"),
+    ("compare", dict(one_loop="yes"), "one_loop must be true or false, got 'yes'"),
+    ("sweep", dict(second_axis=5), "second_axis must be 'none', 'seg_scale' or 'guidance_scale', got '5'"),
+    ("sweep", dict(seg_blur_sigmas="1, abc"), "bad value 'abc'"),
+]
+
+
+@pytest.mark.parametrize("api_name, bad, message", READABLE_REFUSALS)
+def test_every_refusal_is_a_readable_message_over_raw_http(server, api_name, bad, message):
+    kind, payload = raw_call(server[1], api_name, **{"prompt": "x", "steps": 1, **bad})
+    assert kind == "error" and message in json.loads(payload)["error"], payload
+
+
+@pytest.mark.parametrize("api_name, bad, message", [r for r in READABLE_REFUSALS if "nan" not in r[2]])
+def test_every_refusal_is_a_readable_message_through_gradio_client(client, api_name, bad, message):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as error:
+        client.predict(**{"prompt": "x", "steps": 1, **bad}, api_name=f"/{api_name}")
+    assert message in str(error.value) and "upstream" not in str(error.value)

@@ -138,7 +138,8 @@ def test_the_page_shows_examples_rendered_ahead_about_citation_license_and_dupli
         assert stored["seed"] == first["seed"] and stored["prompt"] == first["prompt"] and stored["model"] == "embedded"
     studio = demo.studio
     runs, _ = studio.compare(studio.settings(prompt=first["prompt"], guidance_scale=first["guidance_scale"],
-                                             seed=first["seed"], steps=first["steps"]), None, 1.0, 3.0)
+                                             seed=first["seed"], steps=first["steps"]), None,
+                                 studio.profile.sag_scale, studio.profile.pag_scale)
     for (path, label), run in zip(first["images"], runs, strict=True):
         assert label == run.label
         with Image.open(path) as shipped:
