@@ -725,13 +725,12 @@ class Studio:
 
     def settings(self, **values) -> Settings:
         """Settings from keyword arguments (missing ones: this model's defaults), checked and normalised."""
-        size = self.size_presets[0]
-        values.setdefault("steps", self.default_steps)
-        for name in ("guidance_scale", "seg_scale", "seg_blur_sigma"):
-            if values.get(name) is None:
-                values[name] = getattr(self.profile, name)
-        values.setdefault("width", size[0])
-        values.setdefault("height", size[1])
+        width, height = self.size_presets[0]
+        defaults = dict(steps=self.default_steps, width=width, height=height, guidance_scale=self.profile.guidance_scale,
+                        seg_scale=self.profile.seg_scale, seg_blur_sigma=self.profile.seg_blur_sigma)
+        for name, default in defaults.items():
+            if values.get(name) is None:  # left out, or null in a raw API request
+                values[name] = default
         settings = Settings(**{k: v for k, v in values.items() if v is not None})
         settings.prompt = settings.prompt or ""
         settings.negative_prompt = settings.negative_prompt or ""
