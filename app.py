@@ -410,17 +410,17 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     @on_gpu(lambda values: studio.gpu_seconds("compare", api_settings(values)[0]))
     @show_errors
     def compare(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
-                guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=3.0,
-                sag_scale=1.0, perturbation_guidance_start=None, perturbation_guidance_end=None,
+                guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=None,
+                sag_scale=None, perturbation_guidance_start=None, perturbation_guidance_end=None,
                 control_type=None, control_image=None, controlnet_conditioning_scale=None, one_loop=False,
                 progress=gr.Progress()):
-        """Vanilla SDXL, SAG (sag_scale), PAG (pag_scale) and SEG (seg_scale, seg_blur_sigma) from one seed.
-        Returns the four labelled PNGs and, per method, its time and UNet evaluations. one_loop: all four
+        """Vanilla, SAG (sag_scale), PAG (pag_scale) and SEG (seg_scale, seg_blur_sigma) from one seed; a
+        scale left out is the model's default (SDXL: the paper's SAG 1, PAG 3, SEG 3). Returns the four labelled PNGs and, per method, its time and UNet evaluations. one_loop: all four
         in one denoising loop with batched UNet calls (same images; faster on a GPU; one time for all)."""
         values = locals()
         sag, pag, one_loop = values.pop("sag_scale"), values.pop("pag_scale"), values.pop("one_loop")
-        sag = check_scale("sag_scale", 1.0 if sag is None else sag)
-        pag = check_scale("pag_scale", 3.0 if pag is None else pag)
+        sag = check_scale("sag_scale", studio.profile.sag_scale if sag is None else sag)
+        pag = check_scale("pag_scale", studio.profile.pag_scale if pag is None else pag)
         if not isinstance(one_loop, bool):
             raise gr.Error(f"one_loop must be true or false, got {one_loop!r}", print_exception=False)
         settings, image = api_settings(values)
@@ -673,7 +673,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
             for fn, outputs, overrides in (
                 (generate, lambda: [gr.Image(type="filepath", format="png", label="image"), gr.JSON(label="info")], {}),
                 (compare, lambda: [gr.Gallery(type="filepath", format="png", label="images"), gr.JSON(label="info")],
-                 {"pag_scale": 3.0, "sag_scale": 1.0}),
+                 {"pag_scale": studio.profile.pag_scale, "sag_scale": studio.profile.sag_scale}),
                 (sweep, lambda: [gr.Image(type="filepath", format="png", label="grid"), gr.JSON(label="info")], {}),
             ):
                 inputs = api_inputs(names=parameter_names(fn), **overrides)

@@ -731,13 +731,12 @@ class Studio:
 
     def settings(self, **values) -> Settings:
         """Settings from keyword arguments (missing ones: this model's defaults), checked and normalised."""
-        size = self.size_presets[0]
-        values.setdefault("steps", self.default_steps)
-        for name in ("guidance_scale", "seg_scale", "seg_blur_sigma"):
-            if values.get(name) is None:
-                values[name] = getattr(self.profile, name)
-        values.setdefault("width", size[0])
-        values.setdefault("height", size[1])
+        width, height = self.size_presets[0]
+        defaults = dict(steps=self.default_steps, width=width, height=height, guidance_scale=self.profile.guidance_scale,
+                        seg_scale=self.profile.seg_scale, seg_blur_sigma=self.profile.seg_blur_sigma)
+        for name, default in defaults.items():
+            if values.get(name) is None:  # left out, or null in a raw API request
+                values[name] = default
         settings = Settings(**{k: v for k, v in values.items() if v is not None})
         settings.prompt = settings.prompt or ""
         settings.negative_prompt = settings.negative_prompt or ""
@@ -833,15 +832,18 @@ class Studio:
                               control, steps) for i in range(count)]
         return runs, control
 
-    def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float = 1.0,
-                pag_scale: float = 3.0, progress: Progress | None = None,
+    def compare(self, settings: Settings, control_image: Image.Image | None = None, sag_scale: float | None = None,
+                pag_scale: float | None = None, progress: Progress | None = None,
                 should_stop: Callable[[], bool] | None = None,
                 one_loop: bool = False) -> tuple[list[Run], Image.Image | None]:
-        """Vanilla SDXL, SAG, PAG and SEG from the same seed and settings (SEG with ``settings``' scale).
+        """Vanilla, SAG, PAG and SEG from the same seed and settings (SEG with ``settings``' scale; SAG and
+        PAG scales left out are the model profile's).
 
         ``one_loop`` renders the four in one denoising loop with batched UNet calls (seg_core.compare):
         the same images, faster where UNet calls are launch-bound (a GPU), but one time for all four.
         """
+        sag_scale = self.profile.sag_scale if sag_scale is None else sag_scale
+        pag_scale = self.profile.pag_scale if pag_scale is None else pag_scale
         if sag_scale <= 0 or pag_scale <= 0 or settings.seg_scale <= 0:
             raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
                              f"{sag_scale}, {pag_scale} and {settings.seg_scale}")
