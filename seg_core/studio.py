@@ -580,10 +580,14 @@ class Studio:
         output_dir: where PNG files are written (default: a new temporary folder).
         limits: what one request may ask for (:class:`Limits`).
         notice: Markdown shown first in the banner (e.g. why this model was chosen).
+        compile: compile the UNet (``StableDiffusionXLSEGPipeline.compile()``, regional); the first request
+            at each size and set of methods then waits for its compilation.
     """
 
     def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = DEFAULT_FALLBACK,
-                 output_dir: str | None = None, limits: Limits | None = None, notice: str | None = None):
+                 output_dir: str | None = None, limits: Limits | None = None, notice: str | None = None,
+                 compile: bool = False):
+        self.compile = compile
         self.requested_model = model
         self.notice = notice
         self.limits = limits or Limits()
@@ -715,6 +719,8 @@ class Studio:
     def _load(self, control_type: str) -> StableDiffusionXLSEGPipeline:
         if control_type == "none":
             pipe = load_pipeline(self.model, device=self.device)
+            if self.compile:  # the ControlNet pipelines share this UNet
+                pipe.compile()
         else:
             # Share the base pipeline's components: a second SDXL copy would double the memory.
             pipe = with_controlnet(self._pipes["none"], control_type, random_controlnet=self.model in OFFLINE_MODELS)
