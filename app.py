@@ -33,7 +33,6 @@ from pydantic import ConfigDict, model_validator
 from starlette.middleware import Middleware
 
 from seg_core.guard import FILE_REFUSED, RequestGuard, is_upload
-from seg_core.methods import check_scale
 from seg_core.studio import (
     GenerationCancelled,
     Limits,
@@ -419,8 +418,6 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         in one denoising loop with batched UNet calls (same images; faster on a GPU; one time for all)."""
         values = locals()
         sag, pag, one_loop = values.pop("sag_scale"), values.pop("pag_scale"), values.pop("one_loop")
-        sag = check_scale("sag_scale", studio.profile.sag_scale if sag is None else sag)
-        pag = check_scale("pag_scale", studio.profile.pag_scale if pag is None else pag)
         if not isinstance(one_loop, bool):
             raise gr.Error(f"one_loop must be true or false, got {one_loop!r}", print_exception=False)
         settings, image = api_settings(values)

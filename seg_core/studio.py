@@ -842,8 +842,8 @@ class Studio:
         ``one_loop`` renders the four in one denoising loop with batched UNet calls (seg_core.compare):
         the same images, faster where UNet calls are launch-bound (a GPU), but one time for all four.
         """
-        sag_scale = self.profile.sag_scale if sag_scale is None else sag_scale
-        pag_scale = self.profile.pag_scale if pag_scale is None else pag_scale
+        sag_scale = check_scale("sag_scale", self.profile.sag_scale if sag_scale is None else sag_scale)
+        pag_scale = check_scale("pag_scale", self.profile.pag_scale if pag_scale is None else pag_scale)
         if sag_scale <= 0 or pag_scale <= 0 or settings.seg_scale <= 0:
             raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
                              f"{sag_scale}, {pag_scale} and {settings.seg_scale}")
