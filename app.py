@@ -33,7 +33,6 @@ from pydantic import ConfigDict, model_validator
 from starlette.middleware import Middleware
 
 from seg_core.guard import FILE_REFUSED, RequestGuard, is_upload
-from seg_core.methods import check_scale
 from seg_core.studio import (
     GenerationCancelled,
     Limits,
@@ -245,7 +244,7 @@ def run_table(runs) -> str:
 
 
 def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | None = None,
-               limits: Limits | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+               limits: Limits | None = None, queue_size: int = QUEUE_SIZE, compile: bool = False) -> gr.Blocks:
     """The demo on ``model`` ("auto": SDXL with a GPU, else the embedded model; "sdxl", "embedded", "tiny",
     a Hub id or a folder); when it cannot be loaded, the embedded model (or tiny, without its weights) with a
     banner. Every model a request can use is loaded here, before ``launch()``.
@@ -253,7 +252,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     ``limits`` (seg_core.studio.Limits) bound every request; ``queue_size`` requests may wait, more are
     refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload and body size limits
     and the request guard (seg_core.guard).
-    Only the operator picks the model: no request can name one.
+    Only the operator picks the model: no request can name one. ``compile``: torch.compile the UNet.
     """
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
@@ -262,7 +261,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         model, notice = model_for_hardware()
         if notice:
             logger.warning(re.sub(r"[*`]", "", notice))
-    studio = (studio or Studio(model, device=device, limits=limits, notice=notice)).preload()  # before launch()
+    studio = (studio or Studio(model, device=device, limits=limits, notice=notice, compile=compile)).preload()  # before launch()
     limits = studio.limits
     sizes = [(f"{w}×{h}", f"{w}x{h}") for w, h in studio.size_presets]
     control_choices = studio.control_types
@@ -451,8 +450,6 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         in one denoising loop with batched UNet calls (same images; faster on a GPU; one time for all)."""
         values = locals()
         sag, pag, one_loop = values.pop("sag_scale"), values.pop("pag_scale"), values.pop("one_loop")
-        sag = check_scale("sag_scale", studio.profile.sag_scale if sag is None else sag)
-        pag = check_scale("pag_scale", studio.profile.pag_scale if pag is None else pag)
         if not isinstance(one_loop, bool):
             raise gr.Error(f"one_loop must be true or false, got {one_loop!r}", print_exception=False)
         settings, image = api_settings(values)
@@ -790,6 +787,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="also create a public Gradio share link")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, mps, cpu (default: best)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet (faster steps; the first request at each size and set of "
+                             "methods waits for compilation)")
     defaults = Limits()
     limit = parser.add_argument_group("limits (what one request may ask for; see README.md, Limits)")
     limit.add_argument("--max-pixels", type=int, default=_env("SEG_MAX_PIXELS", int, defaults.max_pixels),
@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"queue_size must be a positive integer, got {args.queue_size}")
     except ValueError as error:
         parser.error(str(error))
-    demo = build_demo(args.model, device=args.device, limits=limits, queue_size=args.queue_size)
+    demo = build_demo(args.model, device=args.device, limits=limits, queue_size=args.queue_size, compile=args.compile)
     # share=None, not False: without --share, $GRADIO_SHARE decides (Gradio ignores share on a Space)
     demo.launch(server_name=args.host, server_port=args.port, share=True if args.share else None,
                 **demo.launch_options)

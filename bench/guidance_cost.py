@@ -2,15 +2,22 @@
 
     python bench/guidance_cost.py --quick      # CPU, SDXL's block structure with narrow channels (< 3 min)
     python bench/guidance_cost.py              # full-size SDXL UNet shapes, random weights (fp16 on CUDA)
+    python bench/guidance_cost.py --quick --compile   # plus a compiled column (torch.compile of the UNet)
 
 Every mode is timed in turn, round after round (interleaved), and the median is reported.  Besides wall
 time it counts FLOPs (torch.utils.flop_counter) so the measured ratios can be read against the floor.
 The last line printed is a JSON object with the headline ratios.
+
+``--compile`` also times the step modes in COMPILED_MODES on a compiled copy of the UNet (see
+seg_core.compiled), reports each mode's compile time (its first call), and dynamo's graph breaks and
+recompiles: graphs compiled by cfg_seg_inf's first call (only sigma differs from cfg_seg, so its graphs
+must be reused) and while timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -30,6 +37,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from seg_core.attention import BranchPlan, SmoothedEnergyAttention, patched_self_attention  # noqa: E402
 from seg_core.blur import blur_tokens  # noqa: E402
+from seg_core.compiled import compile_unet, counts_since, dynamo_counts  # noqa: E402
 from seg_core.methods import PAG, SAG, SEG, GuidedStep, select_rows  # noqa: E402
 from seg_core.sharing import DownBlockSharing, shared_down_blocks  # noqa: E402
 
@@ -72,16 +80,19 @@ def build(quick: bool, device, dtype):
         for role in ("uncond", "cond")
     }
 
-    def model(x, t, branches):
-        def gather(key):
-            return torch.cat([select_rows(conditioning[b.role][key].expand(x.shape[0], *conditioning[b.role][key].shape[1:]),
-                                          b.rows) for b in branches])
+    def model_of(unet):
+        def model(x, t, branches):
+            def gather(key):
+                return torch.cat([select_rows(conditioning[b.role][key].expand(x.shape[0], *conditioning[b.role][key].shape[1:]),
+                                              b.rows) for b in branches])
 
-        return unet(torch.cat([select_rows(x, b.rows) for b in branches]), t, encoder_hidden_states=gather("prompt_embeds"),
-                    added_cond_kwargs={"text_embeds": gather("text_embeds"), "time_ids": gather("time_ids")},
-                    return_dict=False)[0]
+            return unet(torch.cat([select_rows(x, b.rows) for b in branches]), t, encoder_hidden_states=gather("prompt_embeds"),
+                        added_cond_kwargs={"text_embeds": gather("text_embeds"), "time_ids": gather("time_ids")},
+                        return_dict=False)[0]
 
-    return unet, model
+        return model
+
+    return unet, model_of
 
 
 def guided_step(unet, model, methods, do_cfg, share):
@@ -152,6 +163,51 @@ def attention_layer_modes(device, dtype, sigma, side=32):
     }
 
 
+#: The step modes timed compiled (each new layout compiles its graphs); cfg_seg_inf differs from cfg_seg
+#: in sigma only, so it must compile nothing.
+COMPILED_MODES = {"quick": ("cfg", "cfg_seg", "cfg_seg_inf"),
+                  "full": ("cond", "cfg", "cfg_seg", "cfg_seg_inf", "cfg_pag", "cfg_sag", "compare_sequential")}
+
+
+def compiled_columns(args, unet, model_of, x, t, device, rounds):
+    """Median step times on a compiled copy of ``unet``, each mode's compile time, and dynamo's counts."""
+    options = dict(mode=args.compile_mode, regional=not args.compile_whole)
+    compiled_unet = compile_unet(copy.deepcopy(unet), **options)
+    model = model_of(compiled_unet)
+    seg = lambda sigma: SEG(3.0, sigma)  # noqa: E731
+    steps = {
+        "cond": guided_step(compiled_unet, model, [], False, True),
+        "cfg": guided_step(compiled_unet, model, [], True, True),
+        "cfg_seg": guided_step(compiled_unet, model, [seg(args.sigma)], True, True),
+        "cfg_seg_inf": guided_step(compiled_unet, model, [seg(math.inf)], True, True),
+        "cfg_pag": guided_step(compiled_unet, model, [PAG(3.0)], True, True),
+        "cfg_sag": guided_step(compiled_unet, model, [SAG(0.75)], True, True),
+    }
+    modes = {name: (lambda s=s: s(x, t)) for name, s in steps.items()}
+    modes["compare_sequential"] = lambda: [steps[k](x, t) for k in ("cfg", "cfg_sag", "cfg_pag", "cfg_seg")]
+    modes = {name: modes[name] for name in COMPILED_MODES["quick" if args.quick else "full"]}
+    compile_s, recompiles = {}, 0
+    with torch.no_grad():
+        for name, fn in modes.items():  # first call compiles (twice more: CUDA graphs record on later calls)
+            before = dynamo_counts()
+            compile_s[name] = timed(fn, device)
+            if name == "cfg_seg_inf":
+                recompiles += counts_since(before)["recompiles"]
+            fn(), fn()
+        warm = dynamo_counts()
+        times = {name: [] for name in modes}
+        for _ in range(rounds):
+            for name, fn in modes.items():
+                times[name].append(timed(fn, device))
+    return {
+        "options": {**options, "backend": "inductor"},
+        "median": {name: statistics.median(values) for name, values in times.items()},
+        "compile_s": compile_s,
+        "graph_breaks": dynamo_counts()["graph_breaks"],
+        "recompiles": recompiles + counts_since(warm)["recompiles"],
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="narrow channels on the CPU, under 3 minutes")
@@ -161,6 +217,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--batch", type=int, default=1, help="images per step (rows per branch)")
     parser.add_argument("--sigma", type=float, default=10.0, help="SEG blur sigma for the SEG modes")
+    parser.add_argument("--compile", action="store_true", help="add compiled columns (torch.compile of the UNet)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--compile-whole", action="store_true", help="compile the whole UNet, not its repeated blocks")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -170,7 +229,8 @@ def main(argv=None):
     size = args.size or (256 if args.quick else 1024)
     rounds = args.rounds or (5 if args.quick else 10)
     latent_side = size // 8
-    unet, model = build(args.quick, device, dtype)
+    unet, model_of = build(args.quick, device, dtype)
+    model = model_of(unet)
     x = torch.randn(args.batch, 4, latent_side, latent_side, device=device, dtype=dtype)
     t = torch.tensor(500, device=device)
 
@@ -217,13 +277,22 @@ def main(argv=None):
             for name, fn in modes.items():
                 times[name].append(timed(fn, device))
     median = {name: statistics.median(values) for name, values in times.items()}
+    compiled = compiled_columns(args, unet, model_of, x, t, device, rounds) if args.compile else None
 
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} ({dtype}), "
           f"{'quick' if args.quick else 'full'} UNet, {size}x{size}, batch {args.batch}, sigma {args.sigma}, {rounds} rounds, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'mode':22s} {'median ms':>10s} {'GFLOP':>10s} {'peak GiB':>9s}")
+    header = f"{'mode':22s} {'median ms':>10s} {'GFLOP':>10s} {'peak GiB':>9s}"
+    if compiled:
+        header += f" {'compiled ms':>12s} {'compiled/eager':>15s} {'compile s':>10s}"
+        print(f"compiled: {compiled['options']}")
+    print(header)
     for name in modes:
-        print(f"{name:22s} {median[name] * 1e3:10.2f} {counted[name] / 1e9:10.2f} {peak.get(name, float('nan')):9.2f}")
+        line = f"{name:22s} {median[name] * 1e3:10.2f} {counted[name] / 1e9:10.2f} {peak.get(name, float('nan')):9.2f}"
+        if compiled and name in compiled["median"]:
+            c = compiled["median"][name]
+            line += f" {c * 1e3:12.2f} {c / median[name]:15.3f} {compiled['compile_s'][name]:10.1f}"
+        print(line)
 
     ratio = lambda a, b, table=median: round(table[a] / table[b], 3)  # noqa: E731
     summary = {
@@ -245,6 +314,16 @@ def main(argv=None):
         "blur_over_attention": ratio("blur", "attention"),
         "seg_layer_blur_over_no_blur": ratio("seg_layer_blur", "seg_layer_no_blur"),
     }
+    if compiled:
+        summary.update({
+            "compile": compiled["options"],
+            "compiled_over_eager": round(compiled["median"]["cfg_seg"] / median["cfg_seg"], 3),
+            "compiled_cfg_over_eager": round(compiled["median"]["cfg"] / median["cfg"], 3),
+            "compiled_cfg_seg_over_compiled_cfg": round(compiled["median"]["cfg_seg"] / compiled["median"]["cfg"], 3),
+            "compile_s": round(sum(compiled["compile_s"].values()), 1),
+            "graph_breaks": compiled["graph_breaks"],
+            "recompiles": compiled["recompiles"],
+        })
     if peak:
         summary["peak_gib"] = {k: round(v, 2) for k, v in peak.items() if not k.startswith(("blur", "attention", "seg_layer"))}
     print(json.dumps(summary))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .blur import BLUR_KERNELS, blur_tokens, is_infinite_sigma
+from .blur import BLUR_KERNELS, blur_matrices, blur_tokens, blur_with_matrices, is_infinite_sigma
 
 _PARTS = {"d": "down", "m": "mid", "u": "up"}
 _PART_PREFIX = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
@@ -71,20 +71,26 @@ def resolve_layers(unet: torch.nn.Module, applied_layers) -> list[str]:
     return names
 
 
-def token_grid(num_tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
-    """The (height, width) of a layer's token grid, from the latent size (never a square root).
+def grid_levels(latent_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The token grids a UNet can see on a latent, largest first, down to 1x1.
 
     Each UNet level halves the latent with a stride-2 convolution, i.e. rounds up.
     """
     height, width = latent_size
-    factor = 1
-    while True:
-        h, w = math.ceil(height / factor), math.ceil(width / factor)
+    levels, factor = [], 1
+    while not levels or levels[-1] != (1, 1):
+        levels.append((math.ceil(height / factor), math.ceil(width / factor)))
+        factor *= 2
+    return levels
+
+
+def token_grid(num_tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) of a layer's token grid, from the latent size (never a square root)."""
+    for h, w in grid_levels(latent_size):
         if h * w == num_tokens:
             return h, w
-        if h * w < num_tokens or (h == 1 and w == 1):
-            raise ValueError(f"{num_tokens} tokens do not form a grid of a {height}x{width} latent")
-        factor *= 2
+    height, width = latent_size
+    raise ValueError(f"{num_tokens} tokens do not form a grid of a {height}x{width} latent")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,12 +120,20 @@ def _qkv(attn: Attention, hidden_states: torch.Tensor):
 
 
 class AttentionChange:
-    """Self-attention of one branch, changed. ``attend`` maps normalised tokens to pre-``to_out`` features."""
+    """Self-attention of one branch, changed. ``attend`` maps normalised tokens to pre-``to_out`` features.
 
-    def attend(self, attn: Attention, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    Inside a compiled graph a change reads its settings only from ``operands`` (tensors, so graph inputs):
+    Python numbers read there would be baked in, and a new value would compile a new graph.
+    """
+
+    def attend(self, attn: Attention, hidden_states: torch.Tensor, grid: tuple[int, int], operands=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, grid, temb=None) -> torch.Tensor:
+    def operands(self, latent_size: tuple[int, int], device, dtype) -> dict:
+        """The tensors ``attend`` reads when compiled, for a UNet call on a latent of ``latent_size``."""
+        return {}
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, grid, temb=None, operands=None) -> torch.Tensor:
         # The same pre- and post-processing as diffusers' AttnProcessor2_0.
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -131,7 +145,7 @@ class AttentionChange:
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        out = self.attend(attn, hidden_states, grid)
+        out = self.attend(attn, hidden_states, grid, operands)
         out = attn.to_out[1](attn.to_out[0](out))
         # A change may compute one token row that stands for all of them (infinite-sigma SEG).
         out = out.expand(hidden_states.shape[0], hidden_states.shape[1], out.shape[-1])
@@ -151,9 +165,21 @@ class SmoothedEnergyAttention(AttentionChange):
     blur_target: str = "query"
     blur_kernel: str = "paper"
 
-    def attend(self, attn, hidden_states, grid):
+    def operands(self, latent_size, device, dtype):
+        # The blur of every token grid of the latent as its two matrices (the mean for an infinite sigma).
+        return {grid: blur_matrices(grid, self.blur_sigma, self.blur_kernel, device=device, dtype=dtype)
+                for grid in grid_levels(latent_size)}
+
+    def attend(self, attn, hidden_states, grid, operands=None):
         query, key, value = _qkv(attn, hidden_states)
-        if self.blur_target == "query" and is_infinite_sigma(self.blur_sigma):
+        if torch.compiler.is_compiling():
+            # sigma enters as the matrices, so one graph serves every sigma (same result within rounding).
+            m_h, m_w = operands[grid]
+            if self.blur_target == "query":
+                query = blur_with_matrices(query, grid, m_h.to(query.dtype), m_w.to(query.dtype))
+            else:
+                key = blur_with_matrices(key, grid, m_h.to(key.dtype), m_w.to(key.dtype))
+        elif self.blur_target == "query" and is_infinite_sigma(self.blur_sigma):
             # Every query row is the mean query, so every output row is the same: compute one.
             query = query.mean(dim=-2, keepdim=True)
         elif self.blur_target == "query":
@@ -168,7 +194,7 @@ class SmoothedEnergyAttention(AttentionChange):
 class IdentityAttention(AttentionChange):
     """PAG: self-attention map replaced by the identity, so the layer outputs ``to_out(to_v(x))``."""
 
-    def attend(self, attn, hidden_states, grid):
+    def attend(self, attn, hidden_states, grid, operands=None):
         return attn.to_v(hidden_states)
 
 
@@ -180,7 +206,7 @@ class AttentionMaskProbe(AttentionChange):
     mask: torch.Tensor | None = field(default=None, repr=False)
     grid: tuple[int, int] | None = None
 
-    def attend(self, attn, hidden_states, grid):
+    def attend(self, attn, hidden_states, grid, operands=None):
         query, key, value = _qkv(attn, hidden_states)
         batch, heads = query.shape[:2]
         probs = attn.get_attention_scores(query.flatten(0, 1), key.flatten(0, 1), None)
@@ -208,17 +234,39 @@ def check_blur_options(blur_sigma, blur_target: str, blur_kernel: str, prefix: s
 
 
 class BranchPlan:
-    """Which branch of the batch each patched layer changes, for the UNet call about to run."""
+    """Which branch of the batch each patched layer changes, for the UNet call about to run.
+
+    A compiled UNet reads the plan on every call, so what it reads stays put between calls: each layer
+    reads its own dict (a ``slot``, refilled in place, keyed by branch, never by layer name), and the
+    changes' numbers come as tensors (``operands``, by branch).  Only the branch sizes, the latent size
+    and the kinds of change are Python values the graph depends on.
+    """
 
     def __init__(self):
         self.sizes: list[int] = []  # rows per branch, in batch order
         self.changes: dict[str, dict[int, AttentionChange]] = {}
         self.latent_size: tuple[int, int] | None = None
+        self.operands: dict[int, dict] = {}
+        self._slots: dict[str, dict[int, AttentionChange]] = {}
 
-    def set(self, sizes: list[int], changes: dict[str, dict[int, AttentionChange]], latent_size) -> None:
+    def slot(self, layer_name: str) -> dict[int, AttentionChange]:
+        """The dict of ``layer_name``'s changes by branch, the same object for the plan's lifetime."""
+        return self._slots.setdefault(layer_name, {})
+
+    def set(self, sizes: list[int], changes: dict[str, dict[int, AttentionChange]], latent_size,
+            device=None, dtype=None) -> None:
         self.sizes = list(sizes)
         self.changes = changes
         self.latent_size = latent_size
+        for name, slot in self._slots.items():
+            slot.clear()
+            slot.update(changes.get(name, {}))
+        self.operands = {}
+        if latent_size is not None:
+            for by_branch in changes.values():
+                for branch, change in by_branch.items():
+                    if branch not in self.operands:
+                        self.operands[branch] = change.operands(latent_size, device, dtype or torch.float32)
 
 
 class BranchAttnProcessor:
@@ -228,6 +276,7 @@ class BranchAttnProcessor:
         self.original = original
         self.layer_name = layer_name
         self.plan = plan
+        self.changes = plan.slot(layer_name)
         self._accepts = accepted_keywords(original)
 
     def call_original(self, attn, hidden_states, encoder_hidden_states, attention_mask, extra):
@@ -239,7 +288,7 @@ class BranchAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         extra = kwargs if temb is None else {"temb": temb, **kwargs}
-        changes = self.plan.changes.get(self.layer_name)
+        changes = self.changes
         if not changes or encoder_hidden_states is not None:
             return self.call_original(attn, hidden_states, encoder_hidden_states, attention_mask, extra)
         sizes = self.plan.sizes
@@ -261,7 +310,7 @@ class BranchAttnProcessor:
                 mask = torch.cat(masks[start:index]) if masks[start] is not None else None
                 outputs.append(self.call_original(attn, rows, None, mask, extra))
             if index < n:
-                outputs.append(changes[index](attn, chunks[index], grid, temb))
+                outputs.append(changes[index](attn, chunks[index], grid, temb, self.plan.operands.get(index)))
             start = index + 1
         return torch.cat(outputs)
 

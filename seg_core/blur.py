@@ -80,6 +80,8 @@ def untruncated_blur_matrix(length: int, sigma: float) -> torch.Tensor:
 def _axis_matrix(length: int, sigma: float, kernel: str) -> torch.Tensor:
     if sigma == 0 or length == 1:
         return torch.eye(length, dtype=torch.float64)
+    if is_infinite_sigma(sigma):  # every token the mean (blur_tokens takes the mean directly)
+        return torch.full((length, length), 1.0 / length, dtype=torch.float64)
     if kernel == "paper":
         return reflect_blur_matrix(length, gaussian_taps(sigma, paper_kernel_size(sigma, length)))
     if kernel == "untruncated":
@@ -121,6 +123,13 @@ def blur_tokens(tokens: torch.Tensor, grid: tuple[int, int], sigma: float, kerne
     if sigma == 0:
         return tokens
     m_h, m_w = blur_matrices(grid, sigma, kernel, device=tokens.device, dtype=tokens.dtype)
+    return blur_with_matrices(tokens, grid, m_h, m_w)
+
+
+def blur_with_matrices(tokens: torch.Tensor, grid: tuple[int, int], m_h: torch.Tensor, m_w: torch.Tensor):
+    """``M_H @ X @ M_W^T`` on ``(..., H*W, C)`` tokens over their row-major ``H x W`` grid."""
+    *lead, num_tokens, channels = tokens.shape
+    height, width = grid
     x = tokens.reshape(-1, height, width * channels)
     x = torch.matmul(m_h, x)  # along H
     x = x.reshape(-1, width, channels)
@@ -131,7 +140,12 @@ def blur_tokens(tokens: torch.Tensor, grid: tuple[int, int], sigma: float, kerne
 def blur_image(images: torch.Tensor, sigma: float, kernel_size: int) -> torch.Tensor:
     """Blur ``(..., H, W)`` images with a ``kernel_size``-tap Gaussian and reflect padding (SAG's blur)."""
     height, width = images.shape[-2:]
-    taps = gaussian_taps(sigma, kernel_size)
-    m_h = reflect_blur_matrix(height, taps).to(images)
-    m_w = reflect_blur_matrix(width, taps).to(images)
+    m_h = _image_axis_matrix(height, float(sigma), kernel_size, images.device, images.dtype)
+    m_w = _image_axis_matrix(width, float(sigma), kernel_size, images.device, images.dtype)
     return m_h @ images @ m_w.transpose(0, 1)
+
+
+@lru_cache(maxsize=64)
+def _image_axis_matrix(length: int, sigma: float, kernel_size: int, device: torch.device, dtype: torch.dtype):
+    # Built once per setting, not per step: no host-to-device copy inside a denoising step.
+    return reflect_blur_matrix(length, gaussian_taps(sigma, kernel_size)).to(device=device, dtype=dtype)

@@ -271,7 +271,7 @@ class GuidedStep:
                     changes.setdefault(layer, {})[branch] = change
         batch = x.shape[0]
         sizes = [batch if b.rows is None else len(b.rows) for b in branches]
-        self.plan.set(sizes, changes, tuple(x.shape[-2:]))
+        self.plan.set(sizes, changes, tuple(x.shape[-2:]), x.device, x.dtype)
         if self.sharing is not None:
             # Rows changed only at or after the mid block compute the same down path as their role's row.
             in_down = {b for layer, by_branch in changes.items() if layer.startswith("down_blocks.") for b in by_branch}
@@ -279,7 +279,7 @@ class GuidedStep:
                 (k if k in in_down else branch.role, row)
                 for k, branch in enumerate(branches)
                 for row in (range(batch) if branch.rows is None else branch.rows)
-            ])
+            ], x.device)
         try:
             prediction = model(x, t, branches)
         finally:
@@ -300,12 +300,26 @@ def guidance_term(method: GuidanceMethod, state: StepState, batch: int) -> Guida
     both predictions, so their term adds exactly nothing."""
     reference, weak = method.reference_prediction(state), method.weak_prediction(state)
     if method.rows is not None:
-        rows = torch.tensor(method.rows, device=reference.device)
-        zeros = reference.new_zeros((batch, *reference.shape[1:]))
-        reference, weak = zeros.index_copy(0, rows, reference), zeros.index_copy(0, rows, weak)
+        reference, weak = spread_rows(reference, method.rows, batch), spread_rows(weak, method.rows, batch)
     return GuidanceTerm(reference, weak, method.scale_at(state.t))
+
+
+def rows_index(rows: Sequence[int]) -> slice | list[int]:
+    """An index for ``rows``: a slice where they are consecutive (as a Compare's are), so that no index
+    tensor is copied to the device at every step."""
+    rows = list(rows)
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return rows
 
 
 def select_rows(tensor: torch.Tensor, rows: Sequence[int] | None) -> torch.Tensor:
     """The given image rows of ``tensor`` (all of it when ``rows`` is None)."""
-    return tensor if rows is None else tensor[list(rows)]
+    return tensor if rows is None else tensor[rows_index(rows)]
+
+
+def spread_rows(tensor: torch.Tensor, rows: Sequence[int], batch: int) -> torch.Tensor:
+    """``batch`` rows: ``tensor``'s at ``rows``, zeros elsewhere."""
+    out = tensor.new_zeros((batch, *tensor.shape[1:]))
+    out[rows_index(rows)] = tensor
+    return out

@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from .attention import BranchPlan, patched_self_attention
+from .compiled import compile_unet
 from .sharing import DownBlockSharing, shared_down_blocks
 from .methods import PAG, SAG, SEG, Branch, GuidanceMethod, GuidedStep, check_interval, check_scale, select_rows
 
@@ -124,6 +125,32 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         self.control_image_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
+
+    def compile(self, mode: str | None = None, regional: bool = True, fullgraph: bool = True,
+                dynamic: bool = False, backend: str = "inductor") -> "StableDiffusionXLSEGPipeline":
+        r"""Compile the UNet with ``torch.compile``, in place, for every guidance method (see seg_core.compiled).
+
+        The first call at a new size or with a new set of methods (or applied layers) compiles; sigma, the
+        scales, the steps and the prompts then reuse the graphs. The ControlNet, VAE and text encoders stay
+        eager. Outputs equal the eager pipeline's up to float rounding (SEG's blur runs as matrices there).
+
+        Args:
+            mode (`str`, *optional*): inductor's mode: None (default), "reduce-overhead" (CUDA graphs where
+                shapes are static: batch-1 steps on a GPU are launch-bound), "max-autotune" or
+                "max-autotune-no-cudagraphs".
+            regional (`bool`, defaults to True): compile only the repeated transformer blocks (diffusers'
+                `compile_repeated_blocks`; a few small graphs, short compile), or the whole UNet (False: one
+                graph per call layout, longer compile, no eager code between blocks).
+            fullgraph (`bool`, defaults to True): raise on a graph break instead of splitting the graph.
+            dynamic (`bool`, defaults to False): static shapes, one graph per size (what CUDA graphs need);
+                True traces sizes symbolically.
+            backend (`str`, defaults to "inductor"): the `torch.compile` backend ("aot_eager" traces without
+                generating code, for checks).
+
+        Returns: the pipeline.
+        """
+        compile_unet(self.unet, mode=mode, regional=regional, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+        return self
 
     def prepare_control_image(self, image, width, height, batch_size, num_images_per_prompt, device, dtype):
         """The control image as diffusers' SDXL ControlNet pipeline prepares it: one row per image."""

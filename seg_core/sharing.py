@@ -20,20 +20,24 @@ class DownBlockSharing:
         self.rows = 0
         self.keep: torch.Tensor | None = None  # the rows computed
         self.sources: torch.Tensor | None = None  # for each row, its position among the computed ones
+        self._built: dict = {}  # (row keys, device) -> (rows, keep, sources): index tensors built once
 
-    def set(self, row_keys: list | None) -> None:
-        """``row_keys[i]`` names what row i's down path computes; equal keys, equal results."""
+    def set(self, row_keys: list | None, device=None) -> None:
+        """``row_keys[i]`` names what row i's down path computes; equal keys, equal results.  The index
+        tensors go to ``device`` once per layout, not at every step (no host-to-device copy in a step)."""
         if row_keys is None or len(set(row_keys)) == len(row_keys):
             self.rows, self.keep, self.sources = 0, None, None
             return
-        first: dict = {}
-        for row, key in enumerate(row_keys):
-            first.setdefault(key, row)
-        keep = sorted(first.values())
-        position = {row: j for j, row in enumerate(keep)}
-        self.rows = len(row_keys)
-        self.keep = torch.tensor(keep)
-        self.sources = torch.tensor([position[first[key]] for key in row_keys])
+        layout = (tuple(row_keys), None if device is None else torch.device(device))
+        if layout not in self._built:
+            first: dict = {}
+            for row, key in enumerate(row_keys):
+                first.setdefault(key, row)
+            keep = sorted(first.values())
+            position = {row: j for j, row in enumerate(keep)}
+            sources = [position[first[key]] for key in row_keys]
+            self._built[layout] = (len(row_keys), torch.tensor(keep, device=device), torch.tensor(sources, device=device))
+        self.rows, self.keep, self.sources = self._built[layout]
 
     def _distinct(self, tensor):
         if isinstance(tensor, (tuple, list)):  # e.g. IP-Adapter's (text, [image]) hidden states

@@ -51,8 +51,8 @@ qualitative figures that raise σ at a fixed scale of 3: the Sweep tab draws tha
 
 **How this implementation was checked.** SEG equals an independent implementation of the paper's rules
 (the authors' clamped kernel as a full 2-D convolution, the σ > 9999 threshold, the
-[uncond, cond, perturbed] batch layout, Eq. 10) run inside diffusers' own PAG pipeline, to 2e-5; PAG
-equals diffusers' `StableDiffusionXLPAGPipeline` and SAG its `StableDiffusionSAGPipeline`; with every
+[uncond, cond, perturbed] batch layout, Eq. 10) run inside diffusers' own PAG pipeline, to 1e-10 in float64; PAG
+equals diffusers' `StableDiffusionXLPAGPipeline` (to 1e-10) and SAG its `StableDiffusionSAGPipeline` (1e-5); with every
 scale at 0 the output is bit-identical to `StableDiffusionXLPipeline` (with ControlNet too). The tests
 (`tests/`, offline, on a CPU) and their tolerances are listed in the README.
 """

@@ -614,10 +614,14 @@ class Studio:
         output_dir: where PNG files are written (default: a new temporary folder).
         limits: what one request may ask for (:class:`Limits`).
         notice: Markdown shown first in the banner (e.g. why this model was chosen).
+        compile: compile the UNet (``StableDiffusionXLSEGPipeline.compile()``, regional); the first request
+            at each size and set of methods then waits for its compilation.
     """
 
     def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = DEFAULT_FALLBACK,
-                 output_dir: str | None = None, limits: Limits | None = None, notice: str | None = None):
+                 output_dir: str | None = None, limits: Limits | None = None, notice: str | None = None,
+                 compile: bool = False):
+        self.compile = compile
         self.requested_model = model
         self.notice = notice
         self.limits = limits or Limits()
@@ -768,6 +772,8 @@ class Studio:
     def _load(self, key: str) -> StableDiffusionXLSEGPipeline:
         if key == "none":
             pipe = load_pipeline(self.model, device=self.device)
+            if self.compile:  # the ControlNet pipelines share this UNet
+                pipe.compile()
         else:
             # Share the base pipeline's components: a second SDXL copy would double the memory.
             pipe = with_controlnet(self._pipes["none"], UNION if key == "union" else key,
@@ -779,13 +785,12 @@ class Studio:
 
     def settings(self, **values) -> Settings:
         """Settings from keyword arguments (missing ones: this model's defaults), checked and normalised."""
-        size = self.size_presets[0]
-        values.setdefault("steps", self.default_steps)
-        for name in ("guidance_scale", "seg_scale", "seg_blur_sigma"):
-            if values.get(name) is None:
-                values[name] = getattr(self.profile, name)
-        values.setdefault("width", size[0])
-        values.setdefault("height", size[1])
+        width, height = self.size_presets[0]
+        defaults = dict(steps=self.default_steps, width=width, height=height, guidance_scale=self.profile.guidance_scale,
+                        seg_scale=self.profile.seg_scale, seg_blur_sigma=self.profile.seg_blur_sigma)
+        for name, default in defaults.items():
+            if values.get(name) is None:  # left out, or null in a raw API request
+                values[name] = default
         settings = Settings(**{k: v for k, v in values.items() if v is not None})
         settings.prompt = settings.prompt or ""
         settings.negative_prompt = settings.negative_prompt or ""
@@ -927,8 +932,8 @@ class Studio:
         ``one_loop`` renders the four in one denoising loop with batched UNet calls (seg_core.compare):
         the same images, faster where UNet calls are launch-bound (a GPU), but one time for all four.
         """
-        sag_scale = self.profile.sag_scale if sag_scale is None else sag_scale
-        pag_scale = self.profile.pag_scale if pag_scale is None else pag_scale
+        sag_scale = check_scale("sag_scale", self.profile.sag_scale if sag_scale is None else sag_scale)
+        pag_scale = check_scale("pag_scale", self.profile.pag_scale if pag_scale is None else pag_scale)
         if sag_scale <= 0 or pag_scale <= 0 or settings.seg_scale <= 0:
             raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
                              f"{sag_scale}, {pag_scale} and {settings.seg_scale}")

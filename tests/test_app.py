@@ -379,3 +379,12 @@ def test_compare_scales_left_out_are_the_model_profiles():
     assert (profile.sag_scale, profile.pag_scale) != (1.0, 3.0)  # else this test could not tell
     assert [run.settings.sag_scale for run in runs][1] == profile.sag_scale
     assert [run.settings.pag_scale for run in runs][2] == profile.pag_scale
+
+
+def test_settings_left_null_are_the_models_defaults():
+    """A raw API request may send null for a setting it leaves out: the model's default, as when omitted."""
+    studio = Studio("embedded", fallback=None)
+    nulls = studio.settings(prompt="", seed=0, steps=None, width=None, height=None, guidance_scale=None)
+    omitted = studio.settings(prompt="", seed=0)
+    assert (nulls.width, nulls.height, nulls.steps) == (omitted.width, omitted.height, omitted.steps)
+    assert (nulls.width, nulls.height) == studio.size_presets[0] != (1024, 1024)
