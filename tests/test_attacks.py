@@ -101,13 +101,22 @@ def handler_index(demo, name):
     return next(i for i, fn in demo.fns.items() if getattr(fn.fn, "__name__", None) == name)
 
 
-def ui_inputs(name, control_image):
-    """Inputs of a UI handler (in the order of its event's inputs) with canny and ``control_image``."""
-    if name == "ui_control_map":
-        return ["canny", control_image, "64x64"]
-    common = ["", "", 0, False, "64x64", 1, 1.0, 3.0, 4.0, True, ["mid"], 0.0, 1.0, "canny", control_image, 1.0]
-    extra = {"ui_generate": [1], "ui_compare": [1.0, 3.0, False], "ui_sweep": ["inf", "none", ""]}[name]
-    return common + extra
+def ui_inputs(demo, index, control_image):
+    """The inputs the browser sends to handler ``index``, read from its event's components (their defaults,
+    1 step), with ``control_image`` in every control image slot and canny in every control type slot."""
+    inputs = []
+    for block in demo.fns[index].inputs:
+        kind, elem = type(block).__name__, block.elem_id or ""
+        if kind == "ControlImage":
+            inputs.append(control_image)
+        elif elem.startswith("control-type"):
+            inputs.append("canny")
+        elif elem == "steps":
+            inputs.append(1)
+        else:
+            inputs.append("" if block.value is None and kind == "Textbox" else block.value)
+    assert "ControlImage" in {type(block).__name__ for block in demo.fns[index].inputs}
+    return inputs
 
 
 def api_inputs(url, api_name, **values):
@@ -136,13 +145,13 @@ def test_server_paths_are_refused_by_the_ui_handlers_on_the_browsers_route(serve
     demo, url = server
     index = handler_index(demo, handler)
     for what, payload in attack_payloads(secret_png):
-        success, output = queue_call(url, index, ui_inputs(handler, payload))
+        success, output = queue_call(url, index, ui_inputs(demo, index, payload))
         assert not success and output["error"] == FILE_REFUSED, (handler, what, output)
     # The same handler with a real upload works (the refusal is not of everything).
     upload = httpx.post(f"{url}gradio_api/upload", timeout=30,
                         files={"files": ("c.png", open(secret_png, "rb"), "image/png")}).json()[0]
     assert is_upload(upload)
-    success, output = queue_call(url, index, ui_inputs(handler, {"path": upload, "meta": {"_type": "gradio.FileData"}}))
+    success, output = queue_call(url, index, ui_inputs(demo, index, {"path": upload, "meta": {"_type": "gradio.FileData"}}))
     assert success, output
     control_map = output["data"][-1] if handler != "ui_control_map" else output["data"][0]
     assert control_map is not None and is_upload(control_map["path"])

@@ -10,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from conftest import make_pipe
 from seg_core import control
@@ -107,11 +107,12 @@ def test_load_weights_refuses_a_pickle_that_would_run_code(tmp_path, capsys):
 
 
 def test_canny_thresholds_and_detect_resolution_change_the_map():
-    image = house()
+    image = house().filter(ImageFilter.GaussianBlur(2))  # soft edges: gradients of every strength
     default = np.asarray(control_map("canny", image))
     assert default.shape == (120, 160, 3) and varied(default)
     strict = np.asarray(control_map("canny", image, Detection(low_threshold=200, high_threshold=255)))
-    assert strict.sum() < default.sum()
+    loose = np.asarray(control_map("canny", image, Detection(low_threshold=20, high_threshold=60)))
+    assert strict.sum() < default.sum() < loose.sum()
     coarse = np.asarray(control_map("canny", image, Detection(detect_resolution=64)))
     assert not np.array_equal(coarse, default)
 
