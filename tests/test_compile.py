@@ -97,4 +97,4 @@ def test_demo_flag_compiles_the_unet_shared_by_every_pipeline(monkeypatch):
     app.main(["--model", "tiny", "--compile"])
     pipes = list(launched["studio"]._pipes.values())
     blocks = [m for m in pipes[0].unet.modules() if type(m).__name__ in pipes[0].unet._repeated_blocks]
-    assert len(pipes) == 2 and all(compiled_blocks(p) == blocks for p in pipes)  # "none" and "canny"
+    assert len(pipes) > 2 and all(compiled_blocks(p) == blocks for p in pipes)  # "none" and each ControlNet's
