@@ -112,3 +112,103 @@ def tiny_union_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlN
                                     if controlnet.state_dict()[k].shape == v.shape}, strict=False)
         _unzero_outputs(controlnet)
     return controlnet.eval()
+
+
+# ---- adapters: files in the published layouts, for seg_core.adapters' loaders ------------------------
+
+def tiny_lora_layers(module: torch.nn.Module, target_modules: list[str], seed: int = 0, rank: int = 4) -> dict:
+    """A random LoRA (A and B both non-zero) for a copy of ``module``, as diffusers' ``save_lora_weights``
+    takes it (its training scripts' state dict)."""
+    import copy
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapted = inject_adapter_in_model(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules, init_lora_weights=False),
+            copy.deepcopy(module))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(adapted))
+
+
+def write_tiny_lora(folder, components: dict, seed: int = 0, text_encoders: bool = False,
+                    weight_name: str = "pytorch_lora_weights.safetensors") -> None:
+    """A random LoRA for the tiny model's UNet attention (and, with ``text_encoders``, both text encoders'),
+    written to ``folder`` as diffusers writes SDXL LoRAs (safetensors)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    layers = {"unet_lora_layers": tiny_lora_layers(components["unet"], ["to_q", "to_k", "to_v", "to_out.0"], seed)}
+    if text_encoders:
+        for k, name in enumerate(("text_encoder", "text_encoder_2")):
+            layers[f"{name}_lora_layers"] = tiny_lora_layers(
+                components[name], ["q_proj", "k_proj", "v_proj", "out_proj"], seed + 1 + k)
+    StableDiffusionXLPipeline.save_lora_weights(folder, **layers, weight_name=weight_name, safe_serialization=True)
+
+
+def tiny_ip_adapter_state_dict(unet: UNet2DConditionModel, clip_dim: int = 32, seed: int = 0) -> dict:
+    """A random IP-Adapter for ``unet`` in the layout of the published checkpoints (h94/IP-Adapter): an image
+    projection to 4 tokens and a key and value projection per cross-attention, numbered 1, 3, 5, ..."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cross = unet.config.cross_attention_dim
+        image_proj = {"proj.weight": torch.randn(4 * cross, clip_dim) * 0.2, "proj.bias": torch.zeros(4 * cross),
+                      "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+        modules = dict(unet.named_modules())
+        cross_layers = [n[: -len(".processor")] for n in unet.attn_processors if n.endswith("attn2.processor")]
+        ip_layers = {}
+        for i, name in enumerate(cross_layers):
+            hidden = modules[name].to_q.out_features
+            ip_layers[f"{1 + 2 * i}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.2
+            ip_layers[f"{1 + 2 * i}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.2
+    return {"image_proj": image_proj, "ip_adapter": ip_layers}
+
+
+def tiny_image_encoder(clip_dim: int = 32, seed: int = 0):
+    """A CLIP vision encoder with projection ``clip_dim``, on 32x32 images (the IP-Adapter's image encoder)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = CLIPVisionConfig(hidden_size=32, projection_dim=clip_dim, image_size=32, patch_size=8,
+                                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+        return CLIPVisionModelWithProjection(config).eval()
+
+
+def write_tiny_ip_adapter(folder, unet: UNet2DConditionModel, seed: int = 0,
+                          weight_name: str = "ip-adapter_tiny.safetensors") -> None:
+    """A random IP-Adapter in ``folder``/models/``weight_name`` with its encoder in ``folder``/models/image_encoder,
+    as the published repository lays them out."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    models = Path(folder, "models")
+    models.mkdir(parents=True, exist_ok=True)
+    state = tiny_ip_adapter_state_dict(unet, seed=seed)
+    save_file({f"{part}.{key}": value.contiguous() for part, tensors in state.items() for key, value in tensors.items()},
+              str(models / weight_name))
+    tiny_image_encoder(seed=seed).save_pretrained(models / "image_encoder")
+
+
+def write_tiny_adapters(folder, components: dict) -> str:
+    """Two random LoRAs ("ink": UNet only, "glaze": UNet and text encoders) and an IP-Adapter for the model
+    of ``components`` in ``folder``, and the adapters.json offering them (seg_core.adapters); its path."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    write_tiny_lora(folder / "ink", components, seed=1)
+    write_tiny_lora(folder / "glaze", components, seed=2, text_encoders=True)
+    write_tiny_ip_adapter(folder / "ip-adapter", components["unet"], seed=3)
+    lora = {"weight_name": "pytorch_lora_weights.safetensors", "license": "random weights (tests)"}
+    config = {
+        "loras": {"ink": {"source": "./ink", "weight_range": [-1.0, 1.5], **lora},
+                  "glaze": {"source": "./glaze", "weight_range": [0.0, 1.0], "default_weight": 0.8, **lora}},
+        "ip_adapter": {"source": "./ip-adapter", "subfolder": "models", "weight_name": "ip-adapter_tiny.safetensors",
+                       "image_encoder": "models/image_encoder", "license": "random weights (tests)"},
+    }
+    path = folder / "adapters.json"
+    path.write_text(json.dumps(config, indent=2))
+    return str(path)

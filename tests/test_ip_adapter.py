@@ -6,22 +6,12 @@ from diffusers import StableDiffusionXLPipeline
 
 from conftest import EXACT, generator
 from seg_core import StableDiffusionXLSEGPipeline
+from seg_core.tiny import tiny_ip_adapter_state_dict
 
 
-def load_tiny_ip_adapter(unet, clip_dim=32, seed=0):
+def load_tiny_ip_adapter(unet, seed=0):
     """A random IP-Adapter in the layout of the published checkpoints, loaded with diffusers' loader."""
-    torch.manual_seed(seed)
-    cross = unet.config.cross_attention_dim
-    image_proj = {"proj.weight": torch.randn(4 * cross, clip_dim) * 0.2, "proj.bias": torch.zeros(4 * cross),
-                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
-    modules = dict(unet.named_modules())
-    cross_layers = [n[: -len(".processor")] for n in unet.attn_processors if n.endswith("attn2.processor")]
-    ip_layers = {}
-    for i, name in enumerate(cross_layers):  # the checkpoints number cross-attentions 1, 3, 5, ...
-        hidden = modules[name].to_q.out_features
-        ip_layers[f"{1 + 2 * i}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.2
-        ip_layers[f"{1 + 2 * i}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.2
-    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_layers}])
+    unet._load_ip_adapter_weights([tiny_ip_adapter_state_dict(unet, seed=seed)])
 
 
 @pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no-cfg"])

@@ -1,0 +1,282 @@
+"""LoRAs and an IP-Adapter from the operator's list, loaded once and chosen per request (issue 13).
+
+The operator names what may be used in a small JSON file (:func:`read_adapter_config`); a request may only
+pick from it: configured LoRAs (Hu et al. 2021, low-rank updates of the UNet's linear layers) with weights in
+each one's range, and an image prompt for the IP-Adapter (Ye et al. 2023, image features through decoupled
+cross-attention) with its scale. Nothing a request sends is ever a Hub id or a path.
+
+:func:`load_adapters` loads everything once with diffusers' loaders, safetensors only, and leaves it off.
+:func:`applied_adapters` turns a request's choice on for the calls inside it and off again (LoRAs disabled,
+IP-Adapter scale 0) however they end. The LoRA layers wrap the UNet's own linear layers, so every branch a
+guidance method adds (SEG's, PAG's, SAG's) runs through them, as through fused weights.
+
+Once an IP-Adapter is loaded the UNet needs image embeddings on every call; without an image prompt a blank
+image goes in at scale 0, where diffusers' IP-Adapter processors skip the adapter: the result is then
+exactly the one without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from PIL import Image
+
+#: Adapter names become module keys inside the UNet (peft), so no dots.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+LOCAL_PREFIXES = ("/", "./", "../")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA the operator offers: where its weights are, the weights a request may give it, its license."""
+
+    name: str
+    source: str  # a Hub id, or a local folder (absolute)
+    weight_name: str  # a .safetensors file in ``source`` (/ ``subfolder``)
+    license: str
+    subfolder: str = ""
+    revision: str | None = None  # a Hub revision (a commit pins it)
+    weight_range: tuple[float, float] = (0.0, 1.0)
+    default_weight: float = 1.0
+    trigger: str = ""  # words its training used in prompts, to show next to it
+
+
+@dataclass(frozen=True)
+class IPAdapterSpec:
+    """The IP-Adapter the operator offers: its weights, its CLIP image encoder, the scales a request may use."""
+
+    source: str
+    weight_name: str
+    image_encoder: str  # the encoder's folder inside ``source`` (e.g. "sdxl_models/image_encoder")
+    license: str
+    subfolder: str = ""
+    revision: str | None = None
+    scale_range: tuple[float, float] = (0.0, 1.0)
+    default_scale: float = 0.5
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """What one request asks of the configured adapters: LoRA name -> weight, and an image prompt."""
+
+    loras: Mapping[str, float] = field(default_factory=dict)
+    ip_adapter_image: Image.Image | None = None
+    ip_adapter_scale: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The operator's adapters: LoRAs by name (in the file's order) and at most one IP-Adapter."""
+
+    loras: Mapping[str, LoraSpec] = field(default_factory=dict)
+    ip_adapter: IPAdapterSpec | None = None
+
+    def check(self, choice: AdapterChoice) -> None:
+        """ValueError naming the value and what is allowed, unless every part of ``choice`` is offered here."""
+        for name, weight in choice.loras.items():
+            spec = self.loras.get(name)
+            if spec is None:
+                offered = ", ".join(map(repr, self.loras)) or "none are configured on this server"
+                raise ValueError(f"LoRA {name!r} is not offered here; the LoRAs are: {offered}")
+            _check_in_range(f"LoRA {name!r} weight", weight, spec.weight_range)
+        image, scale = choice.ip_adapter_image, choice.ip_adapter_scale
+        if self.ip_adapter is None:
+            if image is not None or scale != 0:
+                raise ValueError(f"no IP-Adapter is configured on this server; got an image prompt "
+                                 f"({type(image).__name__}) at ip_adapter_scale={scale!r}")
+            return
+        if scale != 0:  # 0 (off) is always allowed
+            _check_in_range("ip_adapter_scale", scale, self.ip_adapter.scale_range, "0 (off) or ")
+        if image is not None and not isinstance(image, Image.Image):
+            raise ValueError(f"ip_adapter_image must be a PIL image, got {type(image).__name__}")
+        if image is None and scale != 0:
+            raise ValueError(f"ip_adapter_scale={scale!r} needs an ip_adapter_image (an image prompt)")
+
+
+def _check_in_range(what: str, value, bounds: tuple[float, float], also: str = "") -> None:
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{what} must be {also}a number in [{low}, {high}], got {value!r}")
+
+
+# ---- the operator's file --------------------------------------------------------------------------
+
+LORA_KEYS = {"source": str, "weight_name": str, "license": str, "subfolder": str, "revision": str,
+             "weight_range": list, "default_weight": float, "trigger": str}
+IP_ADAPTER_KEYS = {"source": str, "weight_name": str, "image_encoder": str, "license": str, "subfolder": str,
+                   "revision": str, "scale_range": list, "default_scale": float}
+REQUIRED = ("source", "weight_name", "license")
+
+
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    """The adapters configured in the JSON file at ``path`` (relative folders are relative to the file)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    return parse_adapter_config(data, path.parent)
+
+
+def parse_adapter_config(data, base_dir: str | os.PathLike = ".") -> AdapterConfig:
+    """An :class:`AdapterConfig` from the file's JSON object; ValueError naming the first bad entry.
+
+    ``{"loras": {name: {source, weight_name, license, [subfolder], [revision], [weight_range],
+    [default_weight], [trigger]}, ...}, "ip_adapter": {source, weight_name, image_encoder,
+    license, [subfolder], [revision], [scale_range], [default_scale]}}``; both parts are optional.
+    """
+    _check_keys("the adapter config", data, {"loras": dict, "ip_adapter": dict})
+    loras = {}
+    for name, entry in data.get("loras", {}).items():
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ValueError(f"LoRA names must be 1 to 64 letters, digits, '_' or '-' (not first), got {name!r}")
+        fields = _entry(f"loras.{name}", entry, LORA_KEYS, base_dir)
+        if "weight_range" in fields:
+            fields["weight_range"] = _range(f"loras.{name}.weight_range", fields["weight_range"])
+        loras[name] = LoraSpec(name=name, **fields)
+        unset = "" if "default_weight" in entry else f" ({LoraSpec.default_weight} when not given)"
+        _check_in_range(f"loras.{name}.default_weight{unset}", loras[name].default_weight, loras[name].weight_range)
+    ip_adapter = None
+    if data.get("ip_adapter") is not None:
+        fields = _entry("ip_adapter", data["ip_adapter"], IP_ADAPTER_KEYS, base_dir, required=("image_encoder",))
+        if "scale_range" in fields:
+            fields["scale_range"] = _range("ip_adapter.scale_range", fields["scale_range"], low=0.0)
+        fields["image_encoder"] = _inner_path("ip_adapter.image_encoder", fields["image_encoder"])
+        ip_adapter = IPAdapterSpec(**fields)
+        unset = "" if "default_scale" in data["ip_adapter"] else f" ({IPAdapterSpec.default_scale} when not given)"
+        _check_in_range(f"ip_adapter.default_scale{unset}", ip_adapter.default_scale, ip_adapter.scale_range)
+    return AdapterConfig(loras, ip_adapter)
+
+
+def _check_keys(where: str, entry, types: Mapping[str, type], required=()) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - set(types))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(types)}")
+    missing = [key for key in required if key not in entry]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}")
+    for key, value in entry.items():
+        expected = types[key]
+        numeric = expected is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (numeric or isinstance(value, expected)) or (expected is str and not value.strip()):
+            raise ValueError(f"{where}.{key} must be a {'non-empty string' if expected is str else expected.__name__}, "
+                             f"got {value!r}")
+
+
+def _entry(where: str, entry, types, base_dir, required=()) -> dict:
+    """The checked fields of one entry: its source resolved, its file names plain, its numbers floats."""
+    _check_keys(where, entry, types, REQUIRED + tuple(required))
+    fields = {k: float(v) if types[k] is float else v for k, v in entry.items()}
+    fields["source"] = _source(f"{where}.source", fields["source"], base_dir)
+    weight_name = fields["weight_name"]
+    if "/" in weight_name or "\\" in weight_name or not weight_name.endswith(".safetensors"):
+        raise ValueError(f"{where}.weight_name must be a .safetensors file name (safetensors only: pickled "
+                         f"weights can run code; put folders in 'subfolder'), got {weight_name!r}")
+    if "subfolder" in fields:
+        fields["subfolder"] = _inner_path(f"{where}.subfolder", fields["subfolder"])
+    return fields
+
+
+def _source(where: str, value: str, base_dir) -> str:
+    """A Hub id as it is, or a local folder (absolute, or starting with ./ or ../ from ``base_dir``) resolved."""
+    if value.startswith(LOCAL_PREFIXES):
+        folder = (Path(base_dir) / value).resolve()
+        if not folder.is_dir():
+            raise ValueError(f"{where}: the folder {str(folder)!r} does not exist")
+        return str(folder)
+    if not HUB_ID.fullmatch(value):
+        raise ValueError(f"{where} must be a Hub id 'owner/name' or a folder starting with '/', './' or '../', "
+                         f"got {value!r}")
+    return value
+
+
+def _inner_path(where: str, value: str) -> str:
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith("/") or ".." in parts:
+        raise ValueError(f"{where} must be a relative path inside the source (no '..'), got {value!r}")
+    return value
+
+
+def _range(where: str, value, low: float = -math.inf) -> tuple[float, float]:
+    numbers = isinstance(value, list) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not numbers or not low <= value[0] <= value[1]:
+        lowest = "" if low == -math.inf else f", from {low}"
+        raise ValueError(f"{where} must be [min, max], finite numbers with min <= max{lowest}, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+# ---- the pipeline ---------------------------------------------------------------------------------
+
+def load_adapters(pipe, config: AdapterConfig) -> None:
+    """Load every configured LoRA (under its name) and the IP-Adapter onto ``pipe`` (a
+    StableDiffusionXLSEGPipeline), once, from safetensors only; everything is left off. Pipelines that share
+    ``pipe``'s components afterwards (e.g. its ControlNet variants) share the adapters."""
+    for spec in config.loras.values():
+        _load_lora(pipe, spec)
+    if config.ip_adapter is not None:
+        _load_ip_adapter(pipe, config.ip_adapter)
+    _adapters_off(pipe, config)
+
+
+def _load_lora(pipe, spec: LoraSpec) -> None:
+    """Its UNet part and, where it has them, its text-encoder parts (diffusers' loader; kohya files too)."""
+    with warnings.catch_warnings():  # peft warns that a model gets a second adapter: that is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        pipe.load_lora_weights(spec.source, adapter_name=spec.name, weight_name=spec.weight_name,
+                               subfolder=spec.subfolder, revision=spec.revision, use_safetensors=True)
+
+
+def _load_ip_adapter(pipe, spec: IPAdapterSpec) -> None:
+    from transformers import CLIPVisionModelWithProjection
+
+    unet = pipe.unet
+    encoder = CLIPVisionModelWithProjection.from_pretrained(
+        spec.source, subfolder=spec.image_encoder, revision=spec.revision, use_safetensors=True, dtype=unet.dtype)
+    pipe.register_modules(image_encoder=encoder.to(unet.device))
+    pipe.load_ip_adapter(spec.source, subfolder=spec.subfolder, weight_name=spec.weight_name,
+                         image_encoder_folder=None, revision=spec.revision)
+
+
+def _adapters_off(pipe, config: AdapterConfig) -> None:
+    if config.loras:
+        pipe.disable_lora()
+    if config.ip_adapter is not None:
+        pipe.set_ip_adapter_scale(0.0)
+
+
+@contextmanager
+def applied_adapters(pipe, config: AdapterConfig, choice: AdapterChoice) -> Iterator[dict]:
+    """Turn ``choice`` on for the calls inside (``pipe`` loaded by :func:`load_adapters` with ``config``) and
+    off again however they end. Yields the keyword arguments each call of ``pipe`` must add (the image
+    prompt, or with an IP-Adapter loaded a blank one at scale 0). One request at a time per pipeline: the
+    state is the shared UNet's. ValueError (before anything changes) when ``choice`` is not offered."""
+    config.check(choice)
+    try:
+        if choice.loras:
+            pipe.set_adapters(list(choice.loras), [float(w) for w in choice.loras.values()])
+            pipe.enable_lora()
+        call_kwargs = {}
+        if config.ip_adapter is not None:
+            pipe.set_ip_adapter_scale(float(choice.ip_adapter_scale))
+            image = choice.ip_adapter_image
+            call_kwargs["ip_adapter_image"] = _blank_image(pipe) if image is None else image
+        yield call_kwargs
+    finally:
+        _adapters_off(pipe, config)
+
+
+def _blank_image(pipe) -> Image.Image:
+    size = pipe.image_encoder.config.image_size
+    return Image.new("RGB", (size, size))
