@@ -82,6 +82,8 @@ class AdapterConfig:
 
     def check(self, choice: AdapterChoice) -> None:
         """ValueError naming the value and what is allowed, unless every part of ``choice`` is offered here."""
+        if not isinstance(choice.loras, Mapping):
+            raise ValueError(f"loras must map LoRA names to weights, got {type(choice.loras).__name__}")
         for name, weight in choice.loras.items():
             spec = self.loras.get(name)
             if spec is None:
@@ -91,8 +93,9 @@ class AdapterConfig:
         image, scale = choice.ip_adapter_image, choice.ip_adapter_scale
         if self.ip_adapter is None:
             if image is not None or scale != 0:
-                raise ValueError(f"no IP-Adapter is configured on this server; got an image prompt "
-                                 f"({type(image).__name__}) at ip_adapter_scale={scale!r}")
+                given = "no image" if image is None else "an image prompt"
+                raise ValueError(f"no IP-Adapter is configured on this server (an image prompt needs one); got "
+                                 f"{given} at ip_adapter_scale={scale!r}")
             return
         if scale != 0:  # 0 (off) is always allowed
             _check_in_range("ip_adapter_scale", scale, self.ip_adapter.scale_range, "0 (off) or ")

@@ -158,6 +158,7 @@ def test_state_is_restored_when_the_call_raises(ours, config):
 
 
 NOT_OFFERED = [
+    (AdapterChoice([("ink", 1.0)]), "loras must map LoRA names to weights, got list"),
     (AdapterChoice({"nope": 1.0}), "LoRA 'nope' is not offered here; the LoRAs are: 'ink', 'glaze'"),
     (AdapterChoice({"ink": 2.0}), r"LoRA 'ink' weight must be a number in [-1.0, 1.5], got 2.0"),
     (AdapterChoice({"glaze": -0.1}), r"LoRA 'glaze' weight must be a number in [0.0, 1.0], got -0.1"),
@@ -181,8 +182,11 @@ def test_a_request_may_only_choose_what_is_offered(config, choice, message):
 def test_nothing_is_offered_without_a_config():
     with pytest.raises(ValueError, match="LoRA 'ink' is not offered here; the LoRAs are: none are configured"):
         AdapterConfig().check(AdapterChoice({"ink": 1.0}))
-    with pytest.raises(ValueError, match=r"no IP-Adapter is configured on this server; got an image prompt \(Image\)"):
+    with pytest.raises(ValueError, match=r"no IP-Adapter is configured on this server \(an image prompt needs one\); "
+                                         r"got an image prompt at ip_adapter_scale=0.0"):
         AdapterConfig().check(AdapterChoice({}, IMAGE, 0.0))
+    with pytest.raises(ValueError, match="got no image at ip_adapter_scale=0.5"):
+        AdapterConfig().check(AdapterChoice({}, None, 0.5))
     AdapterConfig().check(AdapterChoice())
 
 
