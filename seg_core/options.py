@@ -15,6 +15,7 @@ import dataclasses
 import math
 import numbers
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,16 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_integer(value) -> bool:
+    """An integer that is not a bool (numpy integers count; 2.0 is not one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _whole(value, strict: bool) -> bool:
+    """``value`` is a whole number: an integer, or (unless ``strict``) a finite float such as 2.0."""
+    return is_integer(value) if strict else is_number(value) and math.isfinite(value) and value == int(value)
+
+
 def check_number(name: str, value, low: float = 0.0, high: float = 100.0, low_open: bool = False) -> float:
     """``value`` as a float; ValueError unless it is a finite number in [low, high] ((low, high] with
     ``low_open``)."""
@@ -52,16 +63,17 @@ def check_number(name: str, value, low: float = 0.0, high: float = 100.0, low_op
     return float(value)
 
 
-def check_integer(name: str, value, low: int, high: int, extra: str = "") -> int:
-    """``value`` as an int (2.0 is 2); ValueError unless it is an integer in [low, high]."""
-    if not is_number(value) or not math.isfinite(value) or value != int(value) or not low <= value <= high:
+def check_integer(name: str, value, low: int, high: int, extra: str = "", strict: bool = False) -> int:
+    """``value`` as an int (2.0 is 2, unless ``strict``: a library argument diffusers counts with); ValueError
+    unless it is an integer in [low, high]."""
+    if not _whole(value, strict) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}]{extra}, got {value!r}")
     return int(value)
 
 
-def check_side(name: str, value, high: int = MAX_SIDE) -> int:
-    """An image side: a multiple of 8 (the VAE's factor) in [8, high]."""
-    if not is_number(value) or not math.isfinite(value) or value != int(value) or not 8 <= value <= high or value % 8:
+def check_side(name: str, value, high: int = MAX_SIDE, strict: bool = False) -> int:
+    """An image side: a multiple of 8 (the VAE's factor) in [8, high] (``strict``: an int, as for check_integer)."""
+    if not _whole(value, strict) or not 8 <= value <= high or value % 8:
         raise ValueError(f"{name} must be a multiple of 8 in [8, {high}], got {value!r}")
     return int(value)
 
@@ -281,3 +293,25 @@ OPTIONS = {**REQUEST, **GUIDANCE, **CONTROL, **DETECTION, **second_control_optio
 
 def defaults(options: dict[str, Option]) -> dict[str, Any]:
     return {name: option.default for name, option in options.items()}
+
+
+_DOC_TYPES = {"number": "float", "integer": "int", "side": "int", "flag": "bool", "text": "str", "choice": "str",
+              "sigma": "float", "layers": "list[str]"}
+
+
+def _doc_default(value) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "`math.inf`"
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(f'"{item}"' for item in value) + "]`"
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def arguments_doc(options: dict[str, Option], indent: int = 12, width: int = 116) -> str:
+    """The ``Args:`` entries of ``options`` as diffusers writes them (``name (`type`, defaults to x): help``),
+    for a docstring generated from the options instead of written a second time."""
+    lines: list[str] = []
+    for option in options.values():
+        entry = f"{option.name} (`{_DOC_TYPES[option.kind]}`, defaults to {_doc_default(option.default)}): {option.help}"
+        lines += textwrap.wrap(entry, width, initial_indent=" " * indent, subsequent_indent=" " * (indent + 4))
+    return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -33,38 +33,55 @@ from transformers import (
 from .attention import BranchPlan, patched_self_attention
 from .compiled import compile_unet
 from .sharing import DownBlockSharing, shared_down_blocks
-from .methods import PAG, SAG, SEG, Branch, GuidanceMethod, GuidedStep, check_interval, check_scale, select_rows
+from .methods import PAG, SAG, SEG, Branch, GuidanceMethod, GuidedStep, select_rows
+from .options import (  # (MAX_SIDE etc. are imported from here too: the pipeline's limits)
+    CONTROL,
+    GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_ROWS,
+    MAX_SIDE,
+    MAX_STEPS,
+    REQUEST,
+    arguments_doc,
+    check_integer,
+    check_interval,
+    check_number,
+    check_side,
+    check_text,
+    defaults,
+    is_integer,
+    is_number,
+)
 
-MAX_STEPS = 1000
-#: Input limits of ``__call__`` (every one is checked at the boundary with a ValueError naming the value).
-MAX_SIDE = 4096  # pixels, per side (SDXL is trained around 1024)
-MAX_ROWS = 64  # images per call: len(prompt) * num_images_per_prompt
-MAX_PROMPT_CHARS = 10_000  # per prompt; the CLIP encoders read the first 77 tokens anyway
 
 
-def build_guidance_methods(
-    seg_scale: float = 3.0,
-    seg_blur_sigma: float = math.inf,
-    seg_applied_layers: Sequence[str] = ("mid",),
-    seg_blur_target: str = "query",
-    seg_blur_kernel: str = "paper",
-    pag_scale: float = 0.0,
-    pag_applied_layers: Sequence[str] = ("mid",),
-    pag_adaptive_scale: float = 0.0,
-    sag_scale: float = 0.0,
-    sag_blur_sigma: float = 1.0,
-    perturbation_guidance_start: float = 0.0,
-    perturbation_guidance_end: float = 1.0,
-) -> list[GuidanceMethod]:
-    """The methods the pipeline's keyword arguments ask for, validated; a method at scale 0 is left out."""
-    interval = dict(start=perturbation_guidance_start, end=perturbation_guidance_end)
-    check_interval(perturbation_guidance_start, perturbation_guidance_end, "perturbation_guidance")
+def build_guidance_methods(**guidance) -> list[GuidanceMethod]:
+    """The methods that the guidance arguments ask for, validated; a method at scale 0 is left out.
+
+    The arguments are those of :meth:`StableDiffusionXLSEGPipeline.__call__` (``seg_scale``, ...,
+    ``perturbation_guidance_end``), by keyword; their names, defaults and help are seg_core.options.GUIDANCE.
+    """
+    unknown = sorted(guidance.keys() - GUIDANCE.keys())
+    if unknown:
+        raise TypeError(f"build_guidance_methods() got unexpected keyword arguments {unknown}")
+    g = {**defaults(GUIDANCE), **guidance}
+    check_interval(g["perturbation_guidance_start"], g["perturbation_guidance_end"], "perturbation_guidance")
+    interval = dict(start=g["perturbation_guidance_start"], end=g["perturbation_guidance_end"])
     methods: list[GuidanceMethod] = [
-        SEG(seg_scale, seg_blur_sigma, seg_applied_layers, seg_blur_target, seg_blur_kernel, **interval),
-        PAG(pag_scale, pag_applied_layers, pag_adaptive_scale, **interval),
-        SAG(sag_scale, sag_blur_sigma, **interval),
+        SEG(g["seg_scale"], g["seg_blur_sigma"], g["seg_applied_layers"], g["seg_blur_target"], g["seg_blur_kernel"],
+            **interval),
+        PAG(g["pag_scale"], g["pag_applied_layers"], g["pag_adaptive_scale"], **interval),
+        SAG(g["sag_scale"], g["sag_blur_sigma"], **interval),
     ]
     return [m for m in methods if m.scale > 0]
+
+
+# Its signature, for help() and inspect, read from the options.
+build_guidance_methods.__signature__ = inspect.Signature(
+    [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option.default)
+     for name, option in GUIDANCE.items()],
+    return_annotation="list[GuidanceMethod]",
+)
 
 
 class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
@@ -163,23 +180,18 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                     prompts=(), num_images_per_prompt=1, eta=0.0, denoising_end=None, clip_skip=None,
                     timesteps=None, sigmas=None):
         for name, value in (("height", height), ("width", width)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8 (at least 8), got {value!r}")
-            if value is not None and value > MAX_SIDE:
-                raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_SIDE}], got {value}")
+            if value is not None:
+                check_side(name, value, strict=True)
         _check_schedule(num_inference_steps, timesteps, sigmas)
-        check_scale("guidance_scale", guidance_scale)
-        check_scale("guidance_rescale", guidance_rescale, 1.0)
-        check_scale("eta", eta, 1.0)
-        if denoising_end is not None:
-            if isinstance(denoising_end, bool) or not isinstance(denoising_end, (int, float)) or not 0 < denoising_end <= 1:
-                raise ValueError(f"denoising_end must be None or a fraction in (0, 1], got {denoising_end!r}")
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+        REQUEST["guidance_scale"].check(guidance_scale)
+        check_number("guidance_rescale", guidance_rescale, high=1.0)
+        check_number("eta", eta, high=1.0)
+        if denoising_end is not None and not (is_number(denoising_end) and 0 < denoising_end <= 1):
+            raise ValueError(f"denoising_end must be None or a fraction in (0, 1], got {denoising_end!r}")
+        if clip_skip is not None and not (is_integer(clip_skip) and clip_skip >= 0):
             raise ValueError(f"clip_skip must be None or an integer >= 0, got {clip_skip!r}")
-        if num_images_per_prompt is None:
-            num_images_per_prompt = 1
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or not 1 <= num_images_per_prompt <= MAX_ROWS:
-            raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_ROWS}], got {num_images_per_prompt!r}")
+        num_images_per_prompt = 1 if num_images_per_prompt is None else num_images_per_prompt
+        check_integer("num_images_per_prompt", num_images_per_prompt, 1, MAX_ROWS, strict=True)
         for name, prompt in prompts:
             if prompt is None:
                 continue
@@ -187,8 +199,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
             if not items or not all(isinstance(item, str) for item in items):
                 raise ValueError(f"{name} must be a string or a non-empty list of strings, got {_short_repr(prompt)}")
             for item in items:
-                if len(item) > MAX_PROMPT_CHARS:
-                    raise ValueError(f"{name} must be at most {MAX_PROMPT_CHARS} characters, got {len(item)}")
+                check_text(name, item, MAX_PROMPT_CHARS)
             if name == "prompt" and len(items) * num_images_per_prompt > MAX_ROWS:
                 raise ValueError(f"len(prompt) x num_images_per_prompt must be at most {MAX_ROWS} images, got "
                                  f"{len(items)} x {num_images_per_prompt}")
@@ -209,7 +220,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         if union:
             modes = control_mode if isinstance(control_mode, list) else [control_mode]
             allowed = net.config.num_control_type
-            if not modes or not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < allowed for m in modes):
+            if not modes or not all(is_integer(m) and 0 <= m < allowed for m in modes):
                 raise ValueError(f"control_mode must be an integer in [0, {allowed - 1}] or a list of them (one per "
                                  f"control image), got {control_mode!r}")
             count = len(modes)
@@ -231,7 +242,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         )
         for k in range(count):
             _check_control_image(controls.images[k])
-            check_scale("controlnet_conditioning_scale", controls.scales[k], 10.0)
+            CONTROL["controlnet_conditioning_scale"].check(controls.scales[k])
             check_interval(controls.starts[k], controls.ends[k], "control_guidance")
         return controls
 
@@ -280,18 +291,18 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         control_guidance_end: float | list[float] = 1.0,
         control_mode: int | list[int] | None = None,
         # Guidance
-        seg_scale: float = 3.0,
-        seg_blur_sigma: float = math.inf,
-        seg_applied_layers: Sequence[str] = ("mid",),
-        seg_blur_target: str = "query",
-        seg_blur_kernel: str = "paper",
-        pag_scale: float = 0.0,
-        pag_applied_layers: Sequence[str] = ("mid",),
-        pag_adaptive_scale: float = 0.0,
-        sag_scale: float = 0.0,
-        sag_blur_sigma: float = 1.0,
-        perturbation_guidance_start: float = 0.0,
-        perturbation_guidance_end: float = 1.0,
+        seg_scale: float = GUIDANCE["seg_scale"].default,
+        seg_blur_sigma: float = GUIDANCE["seg_blur_sigma"].default,
+        seg_applied_layers: Sequence[str] = GUIDANCE["seg_applied_layers"].default,
+        seg_blur_target: str = GUIDANCE["seg_blur_target"].default,
+        seg_blur_kernel: str = GUIDANCE["seg_blur_kernel"].default,
+        pag_scale: float = GUIDANCE["pag_scale"].default,
+        pag_applied_layers: Sequence[str] = GUIDANCE["pag_applied_layers"].default,
+        pag_adaptive_scale: float = GUIDANCE["pag_adaptive_scale"].default,
+        sag_scale: float = GUIDANCE["sag_scale"].default,
+        sag_blur_sigma: float = GUIDANCE["sag_blur_sigma"].default,
+        perturbation_guidance_start: float = GUIDANCE["perturbation_guidance_start"].default,
+        perturbation_guidance_end: float = GUIDANCE["perturbation_guidance_end"].default,
         guidance_methods: Sequence[GuidanceMethod] | None = None,
         **kwargs,
     ):
@@ -309,25 +320,12 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
             control_mode (`int` or `list[int]`, *optional*): with a ControlNetUnionModel, the control type of
                 each control image (for xinsir's union model: 0 openpose, 1 depth, 2 hed/pidi/scribble/ted,
                 3 canny/lineart/anime_lineart/mlsd, 4 normal, 5 segment, 6 tile, 7 repaint); required there.
-            seg_scale (`float`, defaults to 3.0): SEG scale `s` of Eq. 10, in [0, 100]; 0 turns SEG off.
-            seg_blur_sigma (`float`, defaults to `math.inf`): standard deviation of the query blur in tokens;
-                any value > 9999 (or `math.inf`) means infinite (every query the mean query); 0 no blur.
-            seg_applied_layers (`list[str]`, defaults to `["mid"]`): self-attention layers SEG changes:
-                "down", "mid", "up", or single layers "d<i>", "m<i>", "u<i>".
-            seg_blur_target (`str`, defaults to "query"): "query" (the paper), or "key" (its ablation).
-            seg_blur_kernel (`str`, defaults to "paper"): "paper" reproduces the authors' truncated, clamped
-                kernel; "untruncated" uses the full Gaussian, the same blur at any resolution, and tends to
-                the infinite-sigma result as sigma grows.
-            pag_scale (`float`, defaults to 0.0): PAG scale, in [0, 100]; 0 turns PAG off.
-            pag_applied_layers (`list[str]`, defaults to `["mid"]`): layers PAG changes (same names as SEG).
-            pag_adaptive_scale (`float`, defaults to 0.0): diffusers' adaptive PAG scale, in [0, 1].
-            sag_scale (`float`, defaults to 0.0): SAG scale, in [0, 100]; 0 turns SAG off.
-            sag_blur_sigma (`float`, defaults to 1.0): SAG's blur of the predicted x0, in (0, 10].
-            perturbation_guidance_start / perturbation_guidance_end (`float`, defaults to 0.0 / 1.0): the
-                fraction of steps in which the SEG, PAG and SAG terms are applied.
+{guidance_arguments}
             guidance_methods (`list[GuidanceMethod]`, *optional*): method objects to use instead of the
                 `seg_*`, `pag_*` and `sag_*` arguments.
         """
+        given = locals()
+        guidance = {name: given[name] for name in GUIDANCE}  # (the signature's, listed once: see test_pipeline)
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", None)
         if kwargs:
@@ -348,11 +346,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         elif control_mode is not None:
             raise ValueError(f"control_mode was given ({control_mode!r}), but this pipeline has no `controlnet`")
         if guidance_methods is None:
-            guidance_methods = build_guidance_methods(
-                seg_scale, seg_blur_sigma, seg_applied_layers, seg_blur_target, seg_blur_kernel,
-                pag_scale, pag_applied_layers, pag_adaptive_scale, sag_scale, sag_blur_sigma,
-                perturbation_guidance_start, perturbation_guidance_end,
-            )
+            guidance_methods = build_guidance_methods(**guidance)
         guidance_methods = [m for m in guidance_methods if m.scale > 0]
         for method in guidance_methods:
             method.bind(self.unet)
@@ -564,6 +558,9 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
             return (image,)
         return StableDiffusionXLPipelineOutput(images=image)
 
+    # The guidance arguments' entries, from their options (written once, there).
+    __call__.__doc__ = __call__.__doc__.replace("{guidance_arguments}", arguments_doc(GUIDANCE))
+
     _callback_roles = {"prompt_embeds": "prompt_embeds", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
 
     def _callback_tensors(self, names, latents, conditioning, do_cfg):
@@ -669,8 +666,7 @@ def _check_schedule(num_inference_steps, timesteps, sigmas) -> None:
         if not 1 <= len(custom) <= MAX_STEPS:
             raise ValueError(f"{name} must hold 1 to {MAX_STEPS} values, got {len(custom)}")
         return  # num_inference_steps is ignored, as in diffusers
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
-        raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {num_inference_steps!r}")
+    check_integer("num_inference_steps", num_inference_steps, 1, MAX_STEPS, strict=True)
 
 
 def _short_repr(value, limit: int = 80) -> str:
