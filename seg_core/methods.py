@@ -9,6 +9,7 @@ it needs a second call.  A new method subclasses :class:`GuidanceMethod` and not
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -19,13 +20,16 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from .attention import (
     AttentionChange,
     AttentionMaskProbe,
+    BranchPlan,
     IdentityAttention,
     SmoothedEnergyAttention,
+    patched_self_attention,
     resolve_layers,
 )
 from .blur import blur_image
 from .guidance import GuidanceTerm, guided_prediction
 from .options import GUIDANCE, check_interval, check_number  # (seg_core.studio imports check_interval from here)
+from .sharing import DownBlockSharing, shared_down_blocks
 
 
 class Branch(NamedTuple):
@@ -220,10 +224,22 @@ class GuidedStep:
     SEG authors and diffusers' PAG pipelines; then methods that need more calls (SAG) make them.
     """
 
-    def __init__(self, methods: Sequence[GuidanceMethod], plan, sharing=None):
+    def __init__(self, methods: Sequence[GuidanceMethod], unet: torch.nn.Module, share_down_blocks: bool = True):
         self.methods = list(methods)
-        self.plan = plan
-        self.sharing = sharing  # a DownBlockSharing, when the UNet's down blocks are hooked for it
+        for method in self.methods:
+            method.bind(unet)
+        self.unet = unet
+        self.plan = BranchPlan()
+        # Run the down blocks once for rows identical there (exact; see seg_core.sharing).
+        self.sharing = DownBlockSharing() if share_down_blocks else None
+
+    @contextmanager
+    def installed(self):
+        """The UNet ready for this step: the methods' attention layers patched and (with sharing) its down
+        blocks hooked; the original processors come back and the hooks go on exit, whatever happens inside."""
+        with patched_self_attention(self.unet, self.patched_layers(), self.plan), \
+                shared_down_blocks(self.unet, self.sharing) if self.sharing else nullcontext():
+            yield self
 
     def patched_layers(self) -> list[str]:
         names: list[str] = []
