@@ -109,8 +109,8 @@ def check_interval(start, end, prefix: str) -> tuple[float, float]:
 
 
 def parse_sigma(value, name: str = "seg_blur_sigma") -> float:
-    """A blur sigma from a number or a string; "inf", "infinite", "∞" and anything > 9999 mean infinite
-    (the authors' threshold, seg_core.blur)."""
+    """A blur sigma from a number or a string; "inf", "infinite", "∞" and anything above the authors' threshold
+    (seg_core.blur.INFINITE_SIGMA_THRESHOLD) mean infinite."""
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("inf", "+inf", "infinite", "infinity", "∞"):
@@ -215,9 +215,9 @@ def _options(*options: Option) -> dict[str, Option]:
 GUIDANCE = _options(
     Option("seg_scale", 3.0, "SEG scale s of Eq. 10, in [0, 100]; 0 turns SEG off. The authors keep 3 and vary σ.",
            label="SEG scale", slider=(0, 10, 0.1)),
-    Option("seg_blur_sigma", math.inf, "standard deviation of the query blur, in tokens; any value > 9999 (or "
-           "math.inf, 'inf') means infinite: every query is the mean query; 0: no blur.", kind="sigma",
-           label="Blur σ"),
+    Option("seg_blur_sigma", math.inf, "standard deviation of the query blur, in tokens; any value > "
+           f"{INFINITE_SIGMA_THRESHOLD:g} (or math.inf, 'inf') means infinite: every query is the mean query; 0: no "
+           "blur.", kind="sigma", label="Blur σ"),
     Option("seg_applied_layers", ("mid",), "the self-attention layers SEG changes: 'down', 'mid', 'up', or single "
            "layers such as 'd4', 'm0', 'u0'.", kind="layers", label="Applied layers (SEG, and PAG in Compare)"),
     Option("seg_blur_target", "query", "'query' (the paper) or 'key' (its ablation).", kind="choice",
@@ -312,6 +312,7 @@ def arguments_doc(options: dict[str, Option], indent: int = 12, width: int = 116
     for a docstring generated from the options instead of written a second time."""
     lines: list[str] = []
     for option in options.values():
-        entry = f"{option.name} (`{_DOC_TYPES[option.kind]}`, defaults to {_doc_default(option.default)}): {option.help}"
+        kind, default = _DOC_TYPES[option.kind], _doc_default(option.default)
+        entry = f"{option.name} (`{kind}`, defaults to {default}): {option.help}"
         lines += textwrap.wrap(entry, width, initial_indent=" " * indent, subsequent_indent=" " * (indent + 4))
     return "\n".join(lines)

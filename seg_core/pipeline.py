@@ -624,9 +624,9 @@ class ControlledUNet:
             ]
         timestep_cond = self.timestep_cond
         return self.unet(
-            torch.cat([select_rows(x, b.rows) for b in branches]), t,
+            _by_branch(x, branches), t,
             encoder_hidden_states=self._gather("prompt_embeds", branches),
-            timestep_cond=None if timestep_cond is None else torch.cat([select_rows(timestep_cond, b.rows) for b in branches]),
+            timestep_cond=None if timestep_cond is None else _by_branch(timestep_cond, branches),
             cross_attention_kwargs=self.cross_attention_kwargs,
             added_cond_kwargs=added_cond_kwargs,
             return_dict=False,
@@ -663,6 +663,11 @@ class _Callbacks:
             tensor_inputs = on_step_end.tensor_inputs
         self.on_step_end, self.tensor_inputs = on_step_end, tensor_inputs
         self.legacy, self.legacy_steps = legacy, legacy_steps
+
+
+def _by_branch(tensor: torch.Tensor, branches: Sequence[Branch]) -> torch.Tensor:
+    """``tensor``'s rows of each branch, one branch after another (the layout of a guided UNet call)."""
+    return torch.cat([select_rows(tensor, b.rows) for b in branches])
 
 
 def _batch_size(prompt, prompt_embeds) -> int:
