@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,9 +29,8 @@ from transformers import (
 )
 
 from .compiled import compile_unet
-from .methods import PAG, SAG, SEG, Branch, GuidanceMethod, GuidedStep, select_rows
+from .methods import PAG, SAG, SEG, GuidanceMethod, GuidedStep
 from .options import (  # (MAX_SIDE etc. are imported from here too: the pipeline's limits)
-    CONTROL,
     GUIDANCE,
     MAX_PROMPT_CHARS,
     MAX_ROWS,
@@ -49,6 +47,7 @@ from .options import (  # (MAX_SIDE etc. are imported from here too: the pipelin
     is_integer,
     is_number,
 )
+from .unet_call import ControlledUNet, Controls, short_repr
 
 
 
@@ -193,7 +192,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                 continue
             items = prompt if isinstance(prompt, list) else [prompt]
             if not items or not all(isinstance(item, str) for item in items):
-                raise ValueError(f"{name} must be a string or a non-empty list of strings, got {_short_repr(prompt)}")
+                raise ValueError(f"{name} must be a string or a non-empty list of strings, got {short_repr(prompt)}")
             for item in items:
                 check_text(name, item, MAX_PROMPT_CHARS)
             if name == "prompt" and len(items) * num_images_per_prompt > MAX_ROWS:
@@ -206,46 +205,14 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
 
     def _controls(self, image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                   control_mode) -> "Controls | None":
-        """The control inputs as one entry per control (one per net of a MultiControlNetModel, one per mode
-        of a ControlNetUnionModel), checked; a single value of a per-control argument applies to all. None
-        without a ControlNet."""
+        """The control inputs, checked (see Controls.from_arguments); None without a ControlNet."""
         net = self.controlnet
         if net is None:
             if control_mode is not None:
                 raise ValueError(f"control_mode was given ({control_mode!r}), but this pipeline has no `controlnet`")
             return None
-        union = isinstance(net, ControlNetUnionModel)
-        if not union and control_mode is not None:
-            raise ValueError(f"control_mode is for a ControlNetUnionModel; this pipeline's controlnet is "
-                             f"{type(net).__name__}, got control_mode={control_mode!r}")
-        if union:
-            modes = control_mode if isinstance(control_mode, list) else [control_mode]
-            allowed = net.config.num_control_type
-            if not modes or not all(is_integer(m) and 0 <= m < allowed for m in modes):
-                raise ValueError(f"control_mode must be an integer in [0, {allowed - 1}] or a list of them (one per "
-                                 f"control image), got {control_mode!r}")
-            count = len(modes)
-        else:
-            modes = None
-            count = len(net.nets) if isinstance(net, MultiControlNetModel) else 1
-        if isinstance(net, ControlNetModel):
-            images = [image]  # (a list is a batch, as in diffusers)
-        else:  # one image per control; the union model also takes a single one bare, as in diffusers
-            images = [image] if union and not isinstance(image, list) else image
-            if not isinstance(images, list) or len(images) != count:
-                raise ValueError(f"image must be a list of {count} control images (one per control), got "
-                                 f"{_short_repr(image)}")
-        controls = Controls(
-            images=images, modes=modes,
-            scales=_per_control("controlnet_conditioning_scale", controlnet_conditioning_scale, count),
-            starts=_per_control("control_guidance_start", control_guidance_start, count),
-            ends=_per_control("control_guidance_end", control_guidance_end, count),
-        )
-        for k in range(count):
-            _check_control_image(controls.images[k])
-            CONTROL["controlnet_conditioning_scale"].check(controls.scales[k])
-            check_interval(controls.starts[k], controls.ends[k], "control_guidance")
-        return controls
+        return Controls.from_arguments(net, image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, control_mode)
 
     # Over 80 lines for its signature (diffusers' arguments, the ControlNet's and the guidance's, one a line as
     # in diffusers) and its docstring; the body is the outline of a call, its steps the methods below.
@@ -496,7 +463,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
 
     # ---- the denoising loop ---------------------------------------------------------------------------
 
-    def _denoise(self, model: "ControlledUNet", methods, latents, timesteps, num_inference_steps, num_warmup_steps,
+    def _denoise(self, model: ControlledUNet, methods, latents, timesteps, num_inference_steps, num_warmup_steps,
                  extra_step_kwargs, callbacks: "_Callbacks") -> torch.Tensor:
         """The denoising loop of diffusers 0.42 StableDiffusionXLPipeline.__call__ ("8. Denoising loop"), with
         its noise prediction replaced by ours: one guided step (seg_core.methods.GuidedStep) of ``methods``.
@@ -586,74 +553,6 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         return self.image_processor.postprocess(image, output_type=output_type)
 
 
-class ControlledUNet:
-    """The model of a guided step (seg_core.methods.ModelFn): one UNet call on a list of branches, each with
-    the conditioning of its role, plus the ControlNet's residuals. Ours; the ControlNet call's inputs are
-    laid out as in diffusers 0.42 StableDiffusionXLControlNetPipeline.__call__ (and its Union variant).
-
-    The ControlNet is not patched, so branches of one role get the same residuals: they are computed once
-    per role and added to every branch of that role, so SEG, PAG and SAG see the control exactly as the
-    plain branches do. Guess mode feeds the ControlNet only the conditional role; the others get zeros.
-    """
-
-    def __init__(self, unet, controlnet, conditioning: dict, controls: "Controls | None", control_images: list,
-                 guess: bool, timestep_cond, cross_attention_kwargs):
-        self.unet, self.controlnet = unet, controlnet
-        self.conditioning = conditioning  # by role; a step-end callback may replace its tensors
-        self.controls, self.control_images, self.guess = controls, control_images, guess
-        self.control_scales: list[float] = []  # this step's scale of each control (0 outside its window)
-        self.timestep_cond = timestep_cond
-        self.cross_attention_kwargs = cross_attention_kwargs
-        self.dtype = conditioning["cond"]["prompt_embeds"].dtype
-
-    def at_step(self, step: int, steps: int) -> None:
-        if self.controls is not None:
-            self.control_scales = self.controls.scales_at(step, steps)
-
-    def _gather(self, key: str, branches: Sequence[Branch]) -> torch.Tensor:
-        return torch.cat([select_rows(self.conditioning[b.role][key], b.rows) for b in branches])
-
-    def __call__(self, x: torch.Tensor, t, branches: Sequence[Branch]) -> torch.Tensor:
-        cond = self.conditioning["cond"]
-        added_cond_kwargs = {"text_embeds": self._gather("text_embeds", branches),
-                             "time_ids": self._gather("time_ids", branches)}
-        if "image_embeds" in cond:
-            added_cond_kwargs["image_embeds"] = [
-                torch.cat([select_rows(self.conditioning[b.role]["image_embeds"][k], b.rows) for b in branches])
-                for k in range(len(cond["image_embeds"]))
-            ]
-        timestep_cond = self.timestep_cond
-        return self.unet(
-            _by_branch(x, branches), t,
-            encoder_hidden_states=self._gather("prompt_embeds", branches),
-            timestep_cond=None if timestep_cond is None else _by_branch(timestep_cond, branches),
-            cross_attention_kwargs=self.cross_attention_kwargs,
-            added_cond_kwargs=added_cond_kwargs,
-            return_dict=False,
-            **self._control_residuals(x, t, branches),
-        )[0]
-
-    def _control_residuals(self, x: torch.Tensor, t, branches: Sequence[Branch]) -> dict:
-        """The UNet's ControlNet arguments for ``branches``: the ControlNet run once per role."""
-        roles = [r for r in dict.fromkeys(b.role for b in branches) if r == "cond" or not self.guess]
-        if self.controlnet is None or not roles:
-            return {}
-        conditioning = self.conditioning
-        down, mid = self.controlnet(
-            torch.cat([x] * len(roles)), t,
-            encoder_hidden_states=torch.cat([conditioning[r]["prompt_embeds"] for r in roles]),
-            **_controlnet_inputs(self.controlnet, self.control_images, self.control_scales, self.controls.modes,
-                                 len(roles), self.dtype),
-            guess_mode=self.guess,
-            added_cond_kwargs={k: torch.cat([conditioning[r][k] for r in roles]) for k in ("text_embeds", "time_ids")},
-            return_dict=False,
-        )
-        return {
-            "down_block_additional_residuals": [_rows_by_branch(d, roles, branches) for d in down],
-            "mid_block_additional_residual": _rows_by_branch(mid, roles, branches),
-        }
-
-
 class _Callbacks:
     """diffusers' step callbacks: ``callback_on_step_end`` (with the tensors it asks for) and the deprecated
     ``callback`` every ``callback_steps`` steps."""
@@ -663,11 +562,6 @@ class _Callbacks:
             tensor_inputs = on_step_end.tensor_inputs
         self.on_step_end, self.tensor_inputs = on_step_end, tensor_inputs
         self.legacy, self.legacy_steps = legacy, legacy_steps
-
-
-def _by_branch(tensor: torch.Tensor, branches: Sequence[Branch]) -> torch.Tensor:
-    """``tensor``'s rows of each branch, one branch after another (the layout of a guided UNet call)."""
-    return torch.cat([select_rows(tensor, b.rows) for b in branches])
 
 
 def _batch_size(prompt, prompt_embeds) -> int:
@@ -690,53 +584,6 @@ def _check_roles(conditioning: dict, do_cfg: bool, guidance_scale, step: int) ->
                          "[uncond, cond] rows of prompt_embeds, add_text_embeds and add_time_ids")
 
 
-@dataclass
-class Controls:
-    """One entry per control: its image, conditioning scale, guidance window and (union model) mode."""
-
-    images: list
-    scales: list[float]
-    starts: list[float]
-    ends: list[float]
-    modes: list[int] | None = None
-
-    def scales_at(self, step: int, steps: int) -> list[float]:
-        """Each control's scale at ``step`` of ``steps``: 0 outside its window (diffusers' rule)."""
-        return [scale * (1.0 - float(step / steps < start or (step + 1) / steps > end))
-                for scale, start, end in zip(self.scales, self.starts, self.ends)]
-
-
-def _per_control(name: str, value, count: int) -> list:
-    """``value`` as a list of ``count``: a single value applies to every control."""
-    if not isinstance(value, (list, tuple)):
-        return [value] * count
-    if len(value) != count:
-        raise ValueError(f"{name} must be one value or a list of one per control ({count}), got {list(value)!r}")
-    return list(value)
-
-
-def _controlnet_inputs(controlnet, images, scales, modes, copies: int, dtype) -> dict:
-    """The control arguments of one ControlNet call on ``copies`` stacked copies of the latents, laid out
-    as diffusers' SDXL ControlNet pipelines pass them to each kind of ControlNet."""
-    conds = [torch.cat([image] * copies) for image in images]
-    if isinstance(controlnet, ControlNetModel):
-        return {"controlnet_cond": conds[0], "conditioning_scale": scales[0]}
-    inputs = {"controlnet_cond": conds, "conditioning_scale": scales}
-    if isinstance(controlnet, ControlNetUnionModel):
-        control_type = torch.zeros(controlnet.config.num_control_type).scatter_(0, torch.tensor(modes), 1)
-        rows = conds[0].shape[0]
-        inputs["control_type"] = control_type.reshape(1, -1).to(conds[0].device, dtype=dtype).repeat(rows, 1)
-        inputs["control_type_idx"] = modes
-    return inputs
-
-
-def _rows_by_branch(tensor: torch.Tensor, computed: Sequence[str], branches: Sequence[Branch]) -> torch.Tensor:
-    """Lay out per-role results (``computed``, one chunk each) for ``branches``; zeros for roles not computed."""
-    chunks = dict(zip(computed, tensor.chunk(len(computed))))
-    zero = torch.zeros_like(chunks[computed[0]])
-    return torch.cat([select_rows(chunks.get(b.role, zero), b.rows) for b in branches])
-
-
 def _check_schedule(num_inference_steps, timesteps, sigmas) -> None:
     """ValueError unless the steps are given as diffusers takes them: a count, or custom timesteps or sigmas
     (then ``num_inference_steps`` is ignored and may be None)."""
@@ -749,33 +596,3 @@ def _check_schedule(num_inference_steps, timesteps, sigmas) -> None:
             raise ValueError(f"{name} must hold 1 to {MAX_STEPS} values, got {len(custom)}")
         return  # num_inference_steps is ignored, as in diffusers
     check_integer("num_inference_steps", num_inference_steps, 1, MAX_STEPS, strict=True)
-
-
-def _short_repr(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_control_image(image) -> None:
-    """ValueError unless ``image`` is a PIL image, array or tensor (or a list of them) of a usable size."""
-    import numpy as np
-    from PIL import Image
-
-    items = image if isinstance(image, list) else [image]
-    if not items:
-        raise ValueError("image must be a PIL image, numpy array or torch tensor (or a list of them), got []")
-    for item in items:
-        if isinstance(item, Image.Image):
-            width, height = item.size
-        elif isinstance(item, (np.ndarray, torch.Tensor)):
-            if item.ndim not in (2, 3, 4):
-                raise ValueError(f"image arrays must have 2 to 4 dimensions, got shape {tuple(item.shape)}")
-            if isinstance(item, torch.Tensor) and item.ndim >= 3:
-                height, width = item.shape[-2:]
-            else:
-                height, width = item.shape[-3:-1] if item.ndim == 4 else item.shape[:2]
-        else:
-            raise ValueError("image must be a PIL image, numpy array or torch tensor (or a list of them), "
-                             f"got {type(item).__name__}")
-        if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
-            raise ValueError(f"image sides must be in [8, {MAX_SIDE}] pixels, got {width}x{height}")
