@@ -50,7 +50,6 @@ from .options import (  # (MAX_SIDE etc. are imported from here too: the pipelin
 from .unet_call import ControlledUNet, Controls, short_repr
 
 
-
 def build_guidance_methods(**guidance) -> list[GuidanceMethod]:
     """The methods that the guidance arguments ask for, validated; a method at scale 0 is left out.
 
@@ -347,7 +346,8 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
 
     def _guidance_methods(self, guidance_methods, guidance: dict) -> list[GuidanceMethod]:
         """The methods to apply (``guidance_methods``, else those the guidance arguments ask for), those at
-        scale 0 left out, their layer names resolved against the UNet (a ValueError before any work)."""
+        scale 0 left out, their layer names resolved against the UNet now, for a ValueError before any work
+        (GuidedStep resolves them again when it patches the UNet: cheap, and the same names)."""
         if guidance_methods is None:
             guidance_methods = build_guidance_methods(**guidance)
         methods = [m for m in guidance_methods if m.scale > 0]
