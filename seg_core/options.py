@@ -211,6 +211,29 @@ def _options(*options: Option) -> dict[str, Option]:
     return {option.name: option for option in options}
 
 
+_DOC_TYPES = {"number": "float", "integer": "int", "side": "int", "flag": "bool", "text": "str", "choice": "str",
+              "sigma": "float", "layers": "list[str]"}
+
+
+def _doc_default(value) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "`math.inf`"
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(f'"{item}"' for item in value) + "]`"
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def arguments_doc(options: dict[str, Option], indent: int = 12, width: int = 116) -> str:
+    """The ``Args:`` entries of ``options`` as diffusers writes them (``name (`type`, defaults to x): help``),
+    for a docstring generated from the options instead of written a second time."""
+    lines: list[str] = []
+    for option in options.values():
+        kind, default = _DOC_TYPES[option.kind], _doc_default(option.default)
+        entry = f"{option.name} (`{kind}`, defaults to {default}): {option.help}"
+        lines += textwrap.wrap(entry, width, initial_indent=" " * indent, subsequent_indent=" " * (indent + 4))
+    return "\n".join(lines)
+
+
 #: The guidance arguments of StableDiffusionXLSEGPipeline.__call__ (and of build_guidance_methods).
 GUIDANCE = _options(
     Option("seg_scale", 3.0, "SEG scale s of Eq. 10, in [0, 100]; 0 turns SEG off. The authors keep 3 and vary σ.",
@@ -294,25 +317,3 @@ OPTIONS = {**REQUEST, **GUIDANCE, **CONTROL, **DETECTION, **second_control_optio
 def defaults(options: dict[str, Option]) -> dict[str, Any]:
     return {name: option.default for name, option in options.items()}
 
-
-_DOC_TYPES = {"number": "float", "integer": "int", "side": "int", "flag": "bool", "text": "str", "choice": "str",
-              "sigma": "float", "layers": "list[str]"}
-
-
-def _doc_default(value) -> str:
-    if isinstance(value, float) and math.isinf(value):
-        return "`math.inf`"
-    if isinstance(value, tuple):
-        return "`[" + ", ".join(f'"{item}"' for item in value) + "]`"
-    return f'"{value}"' if isinstance(value, str) else repr(value)
-
-
-def arguments_doc(options: dict[str, Option], indent: int = 12, width: int = 116) -> str:
-    """The ``Args:`` entries of ``options`` as diffusers writes them (``name (`type`, defaults to x): help``),
-    for a docstring generated from the options instead of written a second time."""
-    lines: list[str] = []
-    for option in options.values():
-        kind, default = _DOC_TYPES[option.kind], _doc_default(option.default)
-        entry = f"{option.name} (`{kind}`, defaults to {default}): {option.help}"
-        lines += textwrap.wrap(entry, width, initial_indent=" " * indent, subsequent_indent=" " * (indent + 4))
-    return "\n".join(lines)
