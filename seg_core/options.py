@@ -316,4 +316,3 @@ OPTIONS = {**REQUEST, **GUIDANCE, **CONTROL, **DETECTION, **second_control_optio
 
 def defaults(options: dict[str, Option]) -> dict[str, Any]:
     return {name: option.default for name, option in options.items()}
-
