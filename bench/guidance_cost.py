@@ -23,7 +23,6 @@ import math
 import statistics
 import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -35,11 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
-from seg_core.attention import BranchPlan, SmoothedEnergyAttention, patched_self_attention  # noqa: E402
+from seg_core.attention import SmoothedEnergyAttention  # noqa: E402
 from seg_core.blur import blur_tokens  # noqa: E402
 from seg_core.compiled import compile_unet, counts_since, dynamo_counts  # noqa: E402
 from seg_core.methods import PAG, SAG, SEG, GuidedStep, select_rows  # noqa: E402
-from seg_core.sharing import DownBlockSharing, shared_down_blocks  # noqa: E402
 
 SDXL = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -97,17 +95,11 @@ def build(quick: bool, device, dtype):
 
 def guided_step(unet, model, methods, do_cfg, share):
     """A closure running one guided denoising step, with processors and hooks installed around it."""
-    for method in methods:
-        method.bind(unet)
-    plan, sharing = BranchPlan(), DownBlockSharing() if share else None
-    step = GuidedStep(methods, plan, sharing=sharing)
+    step = GuidedStep(methods, unet, share_down_blocks=share)
     scheduler = Scheduler()
 
     def run(x, t):
-        with ExitStack() as stack:
-            stack.enter_context(patched_self_attention(unet, step.patched_layers(), plan))
-            if sharing is not None:
-                stack.enter_context(shared_down_blocks(unet, sharing))
+        with step.installed():
             return step(model, x, t, 0, 1, scheduler, 5.0 if do_cfg else 1.0, do_cfg)
 
     return run

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .blur import BLUR_KERNELS, blur_matrices, blur_tokens, blur_with_matrices, is_infinite_sigma
+from .blur import blur_matrices, blur_tokens, blur_with_matrices, is_infinite_sigma
 
 _PARTS = {"d": "down", "m": "mid", "u": "up"}
 _PART_PREFIX = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
@@ -214,18 +214,6 @@ class AttentionMaskProbe(AttentionChange):
         self.grid = grid
         out = torch.bmm(probs, value.flatten(0, 1)).view(batch, heads, -1, value.shape[-1])
         return _merge_heads(out)
-
-
-def check_blur_options(blur_sigma, blur_target: str, blur_kernel: str, prefix: str = "seg_") -> None:
-    """ValueError naming the bad SEG blur setting and what is allowed."""
-    if not isinstance(blur_sigma, (int, float)) or isinstance(blur_sigma, bool) or math.isnan(blur_sigma):
-        raise ValueError(f"{prefix}blur_sigma must be a number >= 0 (math.inf for infinite), got {blur_sigma!r}")
-    if blur_sigma < 0:
-        raise ValueError(f"{prefix}blur_sigma must be >= 0 (math.inf for infinite), got {blur_sigma}")
-    if blur_target not in ("query", "key"):
-        raise ValueError(f"{prefix}blur_target must be 'query' or 'key', got {blur_target!r}")
-    if blur_kernel not in BLUR_KERNELS:
-        raise ValueError(f"{prefix}blur_kernel must be one of {BLUR_KERNELS}, got {blur_kernel!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ BLUR_KERNELS = ("paper", "untruncated")
 
 
 def is_infinite_sigma(sigma: float) -> bool:
-    """True where SEG replaces the blur by the mean over all tokens (sigma > 9999, as the authors do)."""
+    """True where SEG replaces the blur by the mean over all tokens (above the authors' threshold)."""
     return sigma > INFINITE_SIGMA_THRESHOLD
 
 
@@ -112,7 +112,8 @@ def blur_matrices(grid: tuple[int, int], sigma: float, kernel: str = "paper", *,
 def blur_tokens(tokens: torch.Tensor, grid: tuple[int, int], sigma: float, kernel: str = "paper") -> torch.Tensor:
     """Blur ``(..., H*W, C)`` tokens over their row-major ``H x W`` grid, every channel alike.
 
-    sigma 0 is the identity; an infinite sigma (> 9999) gives every token the mean over all tokens.
+    sigma 0 is the identity; an infinite sigma (:func:`is_infinite_sigma`) gives every token the mean over all
+    tokens.
     """
     *lead, num_tokens, channels = tokens.shape
     height, width = grid

@@ -9,7 +9,7 @@ it needs a second call.  A new method subclasses :class:`GuidanceMethod` and not
 from __future__ import annotations
 
 import math
-import numbers
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -20,13 +20,17 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from .attention import (
     AttentionChange,
     AttentionMaskProbe,
+    BranchPlan,
     IdentityAttention,
     SmoothedEnergyAttention,
-    check_blur_options,
+    patched_self_attention,
     resolve_layers,
 )
 from .blur import blur_image
 from .guidance import GuidanceTerm, guided_prediction
+from .options import GUIDANCE, check_interval, check_number  # (seg_core.studio imports check_interval from here)
+from .sharing import DownBlockSharing, shared_down_blocks
+
 
 class Branch(NamedTuple):
     """One branch of a UNet call: the conditioning it gets ("uncond" or "cond"), on which image rows
@@ -43,23 +47,8 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, Sequence[Branch]], torch.Tensor]
 
 
 def check_scale(name: str, value, upper: float = 100.0) -> float:
-    """ValueError unless ``value`` is a finite number in [0, upper] (numpy scalars too)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number in [0, {upper:g}], got {value!r}")
-    if not 0 <= value <= upper:
-        raise ValueError(f"{name} must be in [0, {upper:g}], got {value}")
-    return float(value)
-
-
-def check_interval(start, end, prefix: str) -> tuple[float, float]:
-    """ValueError unless 0 <= start < end <= 1."""
-    for name, value in ((f"{prefix}_start", start), (f"{prefix}_end", end)):
-        # (NaN fails the range test too)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
-    if start >= end:
-        raise ValueError(f"{prefix}_start ({start}) must be below {prefix}_end ({end})")
-    return float(start), float(end)
+    """A scale in [0, upper] (seg_core.options.check_number; kept under this name for seg_core.studio)."""
+    return check_number(name, value, 0.0, upper)
 
 
 @dataclass
@@ -89,7 +78,8 @@ class GuidanceMethod:
     rows: tuple[int, ...] | None = None
 
     def __init__(self, scale: float, start: float = 0.0, end: float = 1.0):
-        self.scale = check_scale(f"{self.name}_scale", scale)
+        name = f"{self.name}_scale"
+        self.scale = GUIDANCE[name].check(scale) if name in GUIDANCE else check_number(name, scale)
         self.start, self.end = check_interval(start, end, "perturbation_guidance")
 
     def is_active(self, step: int, num_steps: int) -> bool:
@@ -128,18 +118,18 @@ class SEG(GuidanceMethod):
     def __init__(
         self,
         scale: float = 3.0,
-        blur_sigma: float = math.inf,
-        applied_layers=("mid",),
-        blur_target: str = "query",
-        blur_kernel: str = "paper",
+        blur_sigma: float = GUIDANCE["seg_blur_sigma"].default,
+        applied_layers=GUIDANCE["seg_applied_layers"].default,
+        blur_target: str = GUIDANCE["seg_blur_target"].default,
+        blur_kernel: str = GUIDANCE["seg_blur_kernel"].default,
         start: float = 0.0,
         end: float = 1.0,
     ):
         super().__init__(scale, start, end)
-        check_blur_options(blur_sigma, blur_target, blur_kernel)
-        self.blur_sigma = float(blur_sigma)
+        self.blur_sigma = GUIDANCE["seg_blur_sigma"].check(blur_sigma)
         self.layers_spec = applied_layers
-        self.change = SmoothedEnergyAttention(self.blur_sigma, blur_target, blur_kernel)
+        self.change = SmoothedEnergyAttention(self.blur_sigma, GUIDANCE["seg_blur_target"].check(blur_target),
+                                              GUIDANCE["seg_blur_kernel"].check(blur_kernel))
 
     def branch_change(self):
         return self.change
@@ -150,10 +140,10 @@ class PAG(GuidanceMethod):
 
     name = "pag"
 
-    def __init__(self, scale: float = 3.0, applied_layers=("mid",), adaptive_scale: float = 0.0,
-                 start: float = 0.0, end: float = 1.0):
+    def __init__(self, scale: float = 3.0, applied_layers=GUIDANCE["pag_applied_layers"].default,
+                 adaptive_scale: float = GUIDANCE["pag_adaptive_scale"].default, start: float = 0.0, end: float = 1.0):
         super().__init__(scale, start, end)
-        self.adaptive_scale = check_scale("pag_adaptive_scale", adaptive_scale, 1.0)
+        self.adaptive_scale = GUIDANCE["pag_adaptive_scale"].check(adaptive_scale)
         self.layers_spec = applied_layers
 
     def scale_at(self, t) -> float:
@@ -172,11 +162,10 @@ class SAG(GuidanceMethod):
 
     name = "sag"
 
-    def __init__(self, scale: float = 0.75, blur_sigma: float = 1.0, start: float = 0.0, end: float = 1.0):
+    def __init__(self, scale: float = 0.75, blur_sigma: float = GUIDANCE["sag_blur_sigma"].default,
+                 start: float = 0.0, end: float = 1.0):
         super().__init__(scale, start, end)
-        if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, (int, float)) or not 0 < blur_sigma <= 10:
-            raise ValueError(f"sag_blur_sigma must be in (0, 10], got {blur_sigma!r}")
-        self.blur_sigma = float(blur_sigma)
+        self.blur_sigma = GUIDANCE["sag_blur_sigma"].check(blur_sigma)
         self._probe = AttentionMaskProbe()
 
     def bind(self, unet):
@@ -235,10 +224,22 @@ class GuidedStep:
     SEG authors and diffusers' PAG pipelines; then methods that need more calls (SAG) make them.
     """
 
-    def __init__(self, methods: Sequence[GuidanceMethod], plan, sharing=None):
+    def __init__(self, methods: Sequence[GuidanceMethod], unet: torch.nn.Module, share_down_blocks: bool = True):
         self.methods = list(methods)
-        self.plan = plan
-        self.sharing = sharing  # a DownBlockSharing, when the UNet's down blocks are hooked for it
+        for method in self.methods:
+            method.bind(unet)
+        self.unet = unet
+        self.plan = BranchPlan()
+        # Run the down blocks once for rows identical there (exact; see seg_core.sharing).
+        self.sharing = DownBlockSharing() if share_down_blocks else None
+
+    @contextmanager
+    def installed(self):
+        """The UNet ready for this step: the methods' attention layers patched and (with sharing) its down
+        blocks hooked; the original processors come back and the hooks go on exit, whatever happens inside."""
+        with patched_self_attention(self.unet, self.patched_layers(), self.plan), \
+                shared_down_blocks(self.unet, self.sharing) if self.sharing else nullcontext():
+            yield self
 
     def patched_layers(self) -> list[str]:
         names: list[str] = []

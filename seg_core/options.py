@@ -15,6 +15,7 @@ import dataclasses
 import math
 import numbers
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,16 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_integer(value) -> bool:
+    """An integer that is not a bool (numpy integers count; 2.0 is not one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _whole(value, strict: bool) -> bool:
+    """``value`` is a whole number: an integer, or (unless ``strict``) a finite float such as 2.0."""
+    return is_integer(value) if strict else is_number(value) and math.isfinite(value) and value == int(value)
+
+
 def check_number(name: str, value, low: float = 0.0, high: float = 100.0, low_open: bool = False) -> float:
     """``value`` as a float; ValueError unless it is a finite number in [low, high] ((low, high] with
     ``low_open``)."""
@@ -52,16 +63,17 @@ def check_number(name: str, value, low: float = 0.0, high: float = 100.0, low_op
     return float(value)
 
 
-def check_integer(name: str, value, low: int, high: int, extra: str = "") -> int:
-    """``value`` as an int (2.0 is 2); ValueError unless it is an integer in [low, high]."""
-    if not is_number(value) or not math.isfinite(value) or value != int(value) or not low <= value <= high:
+def check_integer(name: str, value, low: int, high: int, extra: str = "", strict: bool = False) -> int:
+    """``value`` as an int (2.0 is 2, unless ``strict``: a library argument diffusers counts with); ValueError
+    unless it is an integer in [low, high]."""
+    if not _whole(value, strict) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}]{extra}, got {value!r}")
     return int(value)
 
 
-def check_side(name: str, value, high: int = MAX_SIDE) -> int:
-    """An image side: a multiple of 8 (the VAE's factor) in [8, high]."""
-    if not is_number(value) or not math.isfinite(value) or value != int(value) or not 8 <= value <= high or value % 8:
+def check_side(name: str, value, high: int = MAX_SIDE, strict: bool = False) -> int:
+    """An image side: a multiple of 8 (the VAE's factor) in [8, high] (``strict``: an int, as for check_integer)."""
+    if not _whole(value, strict) or not 8 <= value <= high or value % 8:
         raise ValueError(f"{name} must be a multiple of 8 in [8, {high}], got {value!r}")
     return int(value)
 
@@ -97,8 +109,8 @@ def check_interval(start, end, prefix: str) -> tuple[float, float]:
 
 
 def parse_sigma(value, name: str = "seg_blur_sigma") -> float:
-    """A blur sigma from a number or a string; "inf", "infinite", "∞" and anything > 9999 mean infinite
-    (the authors' threshold, seg_core.blur)."""
+    """A blur sigma from a number or a string; "inf", "infinite", "∞" and anything above the authors' threshold
+    (seg_core.blur.INFINITE_SIGMA_THRESHOLD) mean infinite."""
     if isinstance(value, str):
         text = value.strip().lower()
         if text in ("inf", "+inf", "infinite", "infinity", "∞"):
@@ -199,13 +211,36 @@ def _options(*options: Option) -> dict[str, Option]:
     return {option.name: option for option in options}
 
 
+_DOC_TYPES = {"number": "float", "integer": "int", "side": "int", "flag": "bool", "text": "str", "choice": "str",
+              "sigma": "float", "layers": "list[str]"}
+
+
+def _doc_default(value) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "`math.inf`"
+    if isinstance(value, tuple):
+        return "`[" + ", ".join(f'"{item}"' for item in value) + "]`"
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def arguments_doc(options: dict[str, Option], indent: int = 12, width: int = 116) -> str:
+    """The ``Args:`` entries of ``options`` as diffusers writes them (``name (`type`, defaults to x): help``),
+    for a docstring generated from the options instead of written a second time."""
+    lines: list[str] = []
+    for option in options.values():
+        kind, default = _DOC_TYPES[option.kind], _doc_default(option.default)
+        entry = f"{option.name} (`{kind}`, defaults to {default}): {option.help}"
+        lines += textwrap.wrap(entry, width, initial_indent=" " * indent, subsequent_indent=" " * (indent + 4))
+    return "\n".join(lines)
+
+
 #: The guidance arguments of StableDiffusionXLSEGPipeline.__call__ (and of build_guidance_methods).
 GUIDANCE = _options(
     Option("seg_scale", 3.0, "SEG scale s of Eq. 10, in [0, 100]; 0 turns SEG off. The authors keep 3 and vary σ.",
            label="SEG scale", slider=(0, 10, 0.1)),
-    Option("seg_blur_sigma", math.inf, "standard deviation of the query blur, in tokens; any value > 9999 (or "
-           "math.inf, 'inf') means infinite: every query is the mean query; 0: no blur.", kind="sigma",
-           label="Blur σ"),
+    Option("seg_blur_sigma", math.inf, "standard deviation of the query blur, in tokens; any value > "
+           f"{INFINITE_SIGMA_THRESHOLD:g} (or math.inf, 'inf') means infinite: every query is the mean query; 0: no "
+           "blur.", kind="sigma", label="Blur σ"),
     Option("seg_applied_layers", ("mid",), "the self-attention layers SEG changes: 'down', 'mid', 'up', or single "
            "layers such as 'd4', 'm0', 'u0'.", kind="layers", label="Applied layers (SEG, and PAG in Compare)"),
     Option("seg_blur_target", "query", "'query' (the paper) or 'key' (its ablation).", kind="choice",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
-from dataclasses import dataclass
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,41 +28,55 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from .attention import BranchPlan, patched_self_attention
 from .compiled import compile_unet
-from .sharing import DownBlockSharing, shared_down_blocks
-from .methods import PAG, SAG, SEG, Branch, GuidanceMethod, GuidedStep, check_interval, check_scale, select_rows
+from .methods import PAG, SAG, SEG, GuidanceMethod, GuidedStep
+from .options import (  # (MAX_SIDE etc. are imported from here too: the pipeline's limits)
+    GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_ROWS,
+    MAX_SIDE,
+    MAX_STEPS,
+    REQUEST,
+    arguments_doc,
+    check_integer,
+    check_interval,
+    check_number,
+    check_side,
+    check_text,
+    defaults,
+    is_integer,
+    is_number,
+)
+from .unet_call import ControlledUNet, Controls, short_repr
 
-MAX_STEPS = 1000
-#: Input limits of ``__call__`` (every one is checked at the boundary with a ValueError naming the value).
-MAX_SIDE = 4096  # pixels, per side (SDXL is trained around 1024)
-MAX_ROWS = 64  # images per call: len(prompt) * num_images_per_prompt
-MAX_PROMPT_CHARS = 10_000  # per prompt; the CLIP encoders read the first 77 tokens anyway
 
+def build_guidance_methods(**guidance) -> list[GuidanceMethod]:
+    """The methods that the guidance arguments ask for, validated; a method at scale 0 is left out.
 
-def build_guidance_methods(
-    seg_scale: float = 3.0,
-    seg_blur_sigma: float = math.inf,
-    seg_applied_layers: Sequence[str] = ("mid",),
-    seg_blur_target: str = "query",
-    seg_blur_kernel: str = "paper",
-    pag_scale: float = 0.0,
-    pag_applied_layers: Sequence[str] = ("mid",),
-    pag_adaptive_scale: float = 0.0,
-    sag_scale: float = 0.0,
-    sag_blur_sigma: float = 1.0,
-    perturbation_guidance_start: float = 0.0,
-    perturbation_guidance_end: float = 1.0,
-) -> list[GuidanceMethod]:
-    """The methods the pipeline's keyword arguments ask for, validated; a method at scale 0 is left out."""
-    interval = dict(start=perturbation_guidance_start, end=perturbation_guidance_end)
-    check_interval(perturbation_guidance_start, perturbation_guidance_end, "perturbation_guidance")
+    The arguments are those of :meth:`StableDiffusionXLSEGPipeline.__call__` (``seg_scale``, ...,
+    ``perturbation_guidance_end``), by keyword; their names, defaults and help are seg_core.options.GUIDANCE.
+    """
+    unknown = sorted(guidance.keys() - GUIDANCE.keys())
+    if unknown:
+        raise TypeError(f"build_guidance_methods() got unexpected keyword arguments {unknown}")
+    g = {**defaults(GUIDANCE), **guidance}
+    check_interval(g["perturbation_guidance_start"], g["perturbation_guidance_end"], "perturbation_guidance")
+    interval = dict(start=g["perturbation_guidance_start"], end=g["perturbation_guidance_end"])
     methods: list[GuidanceMethod] = [
-        SEG(seg_scale, seg_blur_sigma, seg_applied_layers, seg_blur_target, seg_blur_kernel, **interval),
-        PAG(pag_scale, pag_applied_layers, pag_adaptive_scale, **interval),
-        SAG(sag_scale, sag_blur_sigma, **interval),
+        SEG(g["seg_scale"], g["seg_blur_sigma"], g["seg_applied_layers"], g["seg_blur_target"], g["seg_blur_kernel"],
+            **interval),
+        PAG(g["pag_scale"], g["pag_applied_layers"], g["pag_adaptive_scale"], **interval),
+        SAG(g["sag_scale"], g["sag_blur_sigma"], **interval),
     ]
     return [m for m in methods if m.scale > 0]
+
+
+# Its signature, for help() and inspect, read from the options.
+build_guidance_methods.__signature__ = inspect.Signature(
+    [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option.default)
+     for name, option in GUIDANCE.items()],
+    return_annotation="list[GuidanceMethod]",
+)
 
 
 class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
@@ -158,37 +170,30 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         repeat_by = batch_size if image.shape[0] == 1 else num_images_per_prompt
         return image.repeat_interleave(repeat_by, dim=0).to(device=device, dtype=dtype)
 
-    def _check_call(self, height, width, num_inference_steps, guidance_scale, guidance_rescale, image,
-                    controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                    prompts=(), num_images_per_prompt=1, eta=0.0, denoising_end=None, clip_skip=None,
-                    timesteps=None, sigmas=None):
+    def _check_call(self, height, width, num_inference_steps, guidance_scale, guidance_rescale, image, prompts: dict,
+                    num_images_per_prompt, eta, denoising_end, clip_skip, timesteps, sigmas) -> None:
+        """ValueError naming the first bad argument (diffusers' own and ours) and what it may be."""
         for name, value in (("height", height), ("width", width)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8 (at least 8), got {value!r}")
-            if value is not None and value > MAX_SIDE:
-                raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_SIDE}], got {value}")
+            if value is not None:
+                check_side(name, value, strict=True)
         _check_schedule(num_inference_steps, timesteps, sigmas)
-        check_scale("guidance_scale", guidance_scale)
-        check_scale("guidance_rescale", guidance_rescale, 1.0)
-        check_scale("eta", eta, 1.0)
-        if denoising_end is not None:
-            if isinstance(denoising_end, bool) or not isinstance(denoising_end, (int, float)) or not 0 < denoising_end <= 1:
-                raise ValueError(f"denoising_end must be None or a fraction in (0, 1], got {denoising_end!r}")
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+        REQUEST["guidance_scale"].check(guidance_scale)
+        check_number("guidance_rescale", guidance_rescale, high=1.0)
+        check_number("eta", eta, high=1.0)
+        if denoising_end is not None and not (is_number(denoising_end) and 0 < denoising_end <= 1):
+            raise ValueError(f"denoising_end must be None or a fraction in (0, 1], got {denoising_end!r}")
+        if clip_skip is not None and not (is_integer(clip_skip) and clip_skip >= 0):
             raise ValueError(f"clip_skip must be None or an integer >= 0, got {clip_skip!r}")
-        if num_images_per_prompt is None:
-            num_images_per_prompt = 1
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or not 1 <= num_images_per_prompt <= MAX_ROWS:
-            raise ValueError(f"num_images_per_prompt must be an integer in [1, {MAX_ROWS}], got {num_images_per_prompt!r}")
-        for name, prompt in prompts:
+        num_images_per_prompt = 1 if num_images_per_prompt is None else num_images_per_prompt
+        check_integer("num_images_per_prompt", num_images_per_prompt, 1, MAX_ROWS, strict=True)
+        for name, prompt in prompts.items():
             if prompt is None:
                 continue
             items = prompt if isinstance(prompt, list) else [prompt]
             if not items or not all(isinstance(item, str) for item in items):
-                raise ValueError(f"{name} must be a string or a non-empty list of strings, got {_short_repr(prompt)}")
+                raise ValueError(f"{name} must be a string or a non-empty list of strings, got {short_repr(prompt)}")
             for item in items:
-                if len(item) > MAX_PROMPT_CHARS:
-                    raise ValueError(f"{name} must be at most {MAX_PROMPT_CHARS} characters, got {len(item)}")
+                check_text(name, item, MAX_PROMPT_CHARS)
             if name == "prompt" and len(items) * num_images_per_prompt > MAX_ROWS:
                 raise ValueError(f"len(prompt) x num_images_per_prompt must be at most {MAX_ROWS} images, got "
                                  f"{len(items)} x {num_images_per_prompt}")
@@ -198,43 +203,18 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
             raise ValueError("this pipeline has a ControlNet: pass the control `image`")
 
     def _controls(self, image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                  control_mode) -> "Controls":
-        """The control inputs as one entry per control (one per net of a MultiControlNetModel, one per mode
-        of a ControlNetUnionModel), checked; a single value of a per-control argument applies to all."""
+                  control_mode) -> "Controls | None":
+        """The control inputs, checked (see Controls.from_arguments); None without a ControlNet."""
         net = self.controlnet
-        union = isinstance(net, ControlNetUnionModel)
-        if not union and control_mode is not None:
-            raise ValueError(f"control_mode is for a ControlNetUnionModel; this pipeline's controlnet is "
-                             f"{type(net).__name__}, got control_mode={control_mode!r}")
-        if union:
-            modes = control_mode if isinstance(control_mode, list) else [control_mode]
-            allowed = net.config.num_control_type
-            if not modes or not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m < allowed for m in modes):
-                raise ValueError(f"control_mode must be an integer in [0, {allowed - 1}] or a list of them (one per "
-                                 f"control image), got {control_mode!r}")
-            count = len(modes)
-        else:
-            modes = None
-            count = len(net.nets) if isinstance(net, MultiControlNetModel) else 1
-        if isinstance(net, ControlNetModel):
-            images = [image]  # (a list is a batch, as in diffusers)
-        else:  # one image per control; the union model also takes a single one bare, as in diffusers
-            images = [image] if union and not isinstance(image, list) else image
-            if not isinstance(images, list) or len(images) != count:
-                raise ValueError(f"image must be a list of {count} control images (one per control), got "
-                                 f"{_short_repr(image)}")
-        controls = Controls(
-            images=images, modes=modes,
-            scales=_per_control("controlnet_conditioning_scale", controlnet_conditioning_scale, count),
-            starts=_per_control("control_guidance_start", control_guidance_start, count),
-            ends=_per_control("control_guidance_end", control_guidance_end, count),
-        )
-        for k in range(count):
-            _check_control_image(controls.images[k])
-            check_scale("controlnet_conditioning_scale", controls.scales[k], 10.0)
-            check_interval(controls.starts[k], controls.ends[k], "control_guidance")
-        return controls
+        if net is None:
+            if control_mode is not None:
+                raise ValueError(f"control_mode was given ({control_mode!r}), but this pipeline has no `controlnet`")
+            return None
+        return Controls.from_arguments(net, image, controlnet_conditioning_scale, control_guidance_start,
+                                       control_guidance_end, control_mode)
 
+    # Over 80 lines for its signature (diffusers' arguments, the ControlNet's and the guidance's, one a line as
+    # in diffusers) and its docstring; the body is the outline of a call, its steps the methods below.
     @torch.no_grad()
     def __call__(
         self,
@@ -280,18 +260,18 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         control_guidance_end: float | list[float] = 1.0,
         control_mode: int | list[int] | None = None,
         # Guidance
-        seg_scale: float = 3.0,
-        seg_blur_sigma: float = math.inf,
-        seg_applied_layers: Sequence[str] = ("mid",),
-        seg_blur_target: str = "query",
-        seg_blur_kernel: str = "paper",
-        pag_scale: float = 0.0,
-        pag_applied_layers: Sequence[str] = ("mid",),
-        pag_adaptive_scale: float = 0.0,
-        sag_scale: float = 0.0,
-        sag_blur_sigma: float = 1.0,
-        perturbation_guidance_start: float = 0.0,
-        perturbation_guidance_end: float = 1.0,
+        seg_scale: float = GUIDANCE["seg_scale"].default,
+        seg_blur_sigma: float = GUIDANCE["seg_blur_sigma"].default,
+        seg_applied_layers: Sequence[str] = GUIDANCE["seg_applied_layers"].default,
+        seg_blur_target: str = GUIDANCE["seg_blur_target"].default,
+        seg_blur_kernel: str = GUIDANCE["seg_blur_kernel"].default,
+        pag_scale: float = GUIDANCE["pag_scale"].default,
+        pag_applied_layers: Sequence[str] = GUIDANCE["pag_applied_layers"].default,
+        pag_adaptive_scale: float = GUIDANCE["pag_adaptive_scale"].default,
+        sag_scale: float = GUIDANCE["sag_scale"].default,
+        sag_blur_sigma: float = GUIDANCE["sag_blur_sigma"].default,
+        perturbation_guidance_start: float = GUIDANCE["perturbation_guidance_start"].default,
+        perturbation_guidance_end: float = GUIDANCE["perturbation_guidance_end"].default,
         guidance_methods: Sequence[GuidanceMethod] | None = None,
         **kwargs,
     ):
@@ -309,235 +289,198 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
             control_mode (`int` or `list[int]`, *optional*): with a ControlNetUnionModel, the control type of
                 each control image (for xinsir's union model: 0 openpose, 1 depth, 2 hed/pidi/scribble/ted,
                 3 canny/lineart/anime_lineart/mlsd, 4 normal, 5 segment, 6 tile, 7 repaint); required there.
-            seg_scale (`float`, defaults to 3.0): SEG scale `s` of Eq. 10, in [0, 100]; 0 turns SEG off.
-            seg_blur_sigma (`float`, defaults to `math.inf`): standard deviation of the query blur in tokens;
-                any value > 9999 (or `math.inf`) means infinite (every query the mean query); 0 no blur.
-            seg_applied_layers (`list[str]`, defaults to `["mid"]`): self-attention layers SEG changes:
-                "down", "mid", "up", or single layers "d<i>", "m<i>", "u<i>".
-            seg_blur_target (`str`, defaults to "query"): "query" (the paper), or "key" (its ablation).
-            seg_blur_kernel (`str`, defaults to "paper"): "paper" reproduces the authors' truncated, clamped
-                kernel; "untruncated" uses the full Gaussian, the same blur at any resolution, and tends to
-                the infinite-sigma result as sigma grows.
-            pag_scale (`float`, defaults to 0.0): PAG scale, in [0, 100]; 0 turns PAG off.
-            pag_applied_layers (`list[str]`, defaults to `["mid"]`): layers PAG changes (same names as SEG).
-            pag_adaptive_scale (`float`, defaults to 0.0): diffusers' adaptive PAG scale, in [0, 1].
-            sag_scale (`float`, defaults to 0.0): SAG scale, in [0, 100]; 0 turns SAG off.
-            sag_blur_sigma (`float`, defaults to 1.0): SAG's blur of the predicted x0, in (0, 10].
-            perturbation_guidance_start / perturbation_guidance_end (`float`, defaults to 0.0 / 1.0): the
-                fraction of steps in which the SEG, PAG and SAG terms are applied.
+{guidance_arguments}
             guidance_methods (`list[GuidanceMethod]`, *optional*): method objects to use instead of the
                 `seg_*`, `pag_*` and `sag_*` arguments.
         """
-        callback = kwargs.pop("callback", None)
-        callback_steps = kwargs.pop("callback_steps", None)
+        given = locals()
+        guidance = {name: given[name] for name in GUIDANCE}  # (the signature's, listed once: see test_pipeline)
+        callbacks = _Callbacks(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                               kwargs.pop("callback", None), kwargs.pop("callback_steps", None))
         if kwargs:
             raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        # Ours: every argument checked (named, with its range), then the controls and the guidance methods.
+        prompts = dict(prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt,
+                       negative_prompt_2=negative_prompt_2)
+        self._check_call(height, width, num_inference_steps, guidance_scale, guidance_rescale, image, prompts,
+                         num_images_per_prompt, eta, denoising_end, clip_skip, timesteps, sigmas)
+        controls = self._controls(image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                                  control_mode)
+        methods = self._guidance_methods(guidance_methods, guidance)
+        self._start_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs, denoising_end)
 
-        self._check_call(height, width, num_inference_steps, guidance_scale, guidance_rescale, image,
-                         controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                         prompts=(("prompt", prompt), ("prompt_2", prompt_2), ("negative_prompt", negative_prompt),
-                                  ("negative_prompt_2", negative_prompt_2)),
-                         num_images_per_prompt=num_images_per_prompt, eta=eta, denoising_end=denoising_end,
-                         clip_skip=clip_skip, timesteps=timesteps, sigmas=sigmas)
-        controls = None
-        if self.controlnet is not None:
-            controls = self._controls(image, controlnet_conditioning_scale, control_guidance_start,
-                                      control_guidance_end, control_mode)
-        elif control_mode is not None:
-            raise ValueError(f"control_mode was given ({control_mode!r}), but this pipeline has no `controlnet`")
+        # The set-up of diffusers 0.42 StableDiffusionXLPipeline.__call__ and its ControlNet pipelines, in
+        # their order (each step's method names its source).
+        rows = _batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        device = self._execution_device
+        height, width, control_images, guess = self._size_and_control_images(
+            controls, height, width, rows, num_images_per_prompt, guess_mode, device)
+        self.check_inputs(
+            prompt, prompt_2, height, width, callbacks.legacy_steps, negative_prompt, negative_prompt_2,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            ip_adapter_image, ip_adapter_image_embeds, callbacks.tensor_inputs,
+        )
+        embeds = self._encode(prompts, num_images_per_prompt, device, cross_attention_kwargs, prompt_embeds,
+                              negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        timesteps, num_inference_steps, num_warmup_steps = self._schedule(
+            num_inference_steps, timesteps, sigmas, denoising_end, device)
+        latents = self.prepare_latents(
+            rows, self.unet.config.in_channels, height, width, embeds[0].dtype, device, generator, latents)
+        time_ids = self._time_ids(embeds, (height, width), original_size, crops_coords_top_left, target_size,
+                                  negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        # Ours: the conditioning by role, the UNet call with ControlNet residuals per role, the guided loop.
+        conditioning = self._conditioning(embeds, time_ids, rows, device, ip_adapter_image, ip_adapter_image_embeds)
+        model = ControlledUNet(self.unet, self.controlnet, conditioning, controls, control_images, guess,
+                               self._timestep_cond(rows, device, latents.dtype), cross_attention_kwargs)
+        latents = self._denoise(model, methods, latents, timesteps, num_inference_steps, num_warmup_steps,
+                                self.prepare_extra_step_kwargs(generator, eta), callbacks)
+
+        image = latents if output_type == "latent" else self.decode_latents_to_images(latents, output_type)
+        self.maybe_free_model_hooks()
+        return StableDiffusionXLPipelineOutput(images=image) if return_dict else (image,)
+
+    # The guidance arguments' entries, from their options (written once, there).
+    __call__.__doc__ = __call__.__doc__.replace("{guidance_arguments}", arguments_doc(GUIDANCE))
+
+    # ---- the set-up of a call -------------------------------------------------------------------------
+
+    def _guidance_methods(self, guidance_methods, guidance: dict) -> list[GuidanceMethod]:
+        """The methods to apply (``guidance_methods``, else those the guidance arguments ask for), those at
+        scale 0 left out, their layer names resolved against the UNet now, for a ValueError before any work
+        (GuidedStep resolves them again when it patches the UNet: cheap, and the same names)."""
         if guidance_methods is None:
-            guidance_methods = build_guidance_methods(
-                seg_scale, seg_blur_sigma, seg_applied_layers, seg_blur_target, seg_blur_kernel,
-                pag_scale, pag_applied_layers, pag_adaptive_scale, sag_scale, sag_blur_sigma,
-                perturbation_guidance_start, perturbation_guidance_end,
-            )
-        guidance_methods = [m for m in guidance_methods if m.scale > 0]
-        for method in guidance_methods:
+            guidance_methods = build_guidance_methods(**guidance)
+        methods = [m for m in guidance_methods if m.scale > 0]
+        for method in methods:
             method.bind(self.unet)
+        return methods
 
-        controlnet = self.controlnet
-        if controlnet is None:
-            height = height or self.default_sample_size * self.vae_scale_factor
-            width = width or self.default_sample_size * self.vae_scale_factor
-        original_size_given = original_size
-
+    def _start_call(self, guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs, denoising_end):
+        # Adapted from diffusers 0.42 StableDiffusionXLPipeline.__call__ ("2. Define call parameters"): the
+        # properties its helpers and callbacks read (do_classifier_free_guidance, clip_skip, interrupt, ...).
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         self._denoising_end = denoising_end
         self._interrupt = False
-        # diffusers' rule (off for guidance-distilled UNets). As in diffusers, the loop reads the scale and
-        # this flag again at every step, so a callback may change them (e.g. SDXLCFGCutoffCallback).
-        do_cfg = self.do_classifier_free_guidance
 
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            if prompt_embeds is None:
-                raise ValueError("pass `prompt` (a string or list of strings; '' for unconditional) or `prompt_embeds`")
-            batch_size = prompt_embeds.shape[0]
-        rows = batch_size * num_images_per_prompt
-        device = self._execution_device
+    def _size_and_control_images(self, controls, height, width, rows, num_images_per_prompt, guess_mode, device):
+        """(height, width, the control images prepared, guess mode on).
 
-        control_images, guess = [], False
-        if controlnet is not None:
-            first = controlnet.nets[0] if isinstance(controlnet, MultiControlNetModel) else controlnet
-            guess = guess_mode or first.config.global_pool_conditions
-            control_images = [
-                self.prepare_control_image(item, width, height, rows, num_images_per_prompt, device, controlnet.dtype)
-                for item in controls.images
-            ]
-            height, width = control_images[0].shape[-2:]
-        original_size = original_size_given or (height, width)
-        target_size = target_size or (height, width)
+        Adapted from diffusers 0.42 StableDiffusionXLPipeline.__call__ (the default size) and
+        StableDiffusionXLControlNetPipeline.__call__ ("4. Prepare image": the size is the control image's;
+        guess mode is on for a ControlNet with global pooling)."""
+        if controls is None:
+            default = self.default_sample_size * self.vae_scale_factor
+            return height or default, width or default, [], False
+        net = self.controlnet
+        first = net.nets[0] if isinstance(net, MultiControlNetModel) else net
+        images = [self.prepare_control_image(item, width, height, rows, num_images_per_prompt, device, net.dtype)
+                  for item in controls.images]
+        height, width = images[0].shape[-2:]
+        return height, width, images, guess_mode or first.config.global_pool_conditions
 
-        self.check_inputs(
-            prompt, prompt_2, height, width, callback_steps, negative_prompt, negative_prompt_2,
-            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end_tensor_inputs,
-        )
-
+    def _encode(self, prompts: dict, num_images_per_prompt, device, cross_attention_kwargs, *embeds) -> tuple:
+        """(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds), as
+        diffusers 0.42 StableDiffusionXLPipeline.__call__ encodes them ("3. Encode input prompt")."""
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
-        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        return self.encode_prompt(
+            **prompts, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance, **dict(zip(names, embeds)),
             lora_scale=lora_scale, clip_skip=self.clip_skip,
         )
 
+    def _schedule(self, num_inference_steps, timesteps, sigmas, denoising_end, device):
+        """(timesteps, num_inference_steps, num_warmup_steps): adapted from diffusers 0.42
+        StableDiffusionXLPipeline.__call__ ("4. Prepare timesteps", and "8.1 Apply denoising_end")."""
         timestep_device = "cpu" if device.type == "neuron" else device
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, timestep_device, timesteps, sigmas
         )
-        latents = self.prepare_latents(
-            rows, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
-        )
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-
-        if self.text_encoder_2 is None:
-            projection_dim = int(pooled_prompt_embeds.shape[-1])
-        else:
-            projection_dim = self.text_encoder_2.config.projection_dim
-        add_time_ids = self._get_add_time_ids(
-            original_size, crops_coords_top_left, target_size, dtype=prompt_embeds.dtype,
-            text_encoder_projection_dim=projection_dim,
-        )
-        if negative_original_size is not None and negative_target_size is not None:
-            negative_add_time_ids = self._get_add_time_ids(
-                negative_original_size, negative_crops_coords_top_left, negative_target_size,
-                dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim,
-            )
-        else:
-            negative_add_time_ids = add_time_ids
-
-        # Conditioning by role: branch k of a UNet call gets the tensors of its role.
-        conditioning = {
-            "cond": {
-                "prompt_embeds": prompt_embeds.to(device),
-                "text_embeds": pooled_prompt_embeds.to(device),
-                "time_ids": add_time_ids.to(device).repeat(rows, 1),
-            }
-        }
-        if do_cfg:
-            conditioning["uncond"] = {
-                "prompt_embeds": negative_prompt_embeds.to(device),
-                "text_embeds": negative_pooled_prompt_embeds.to(device),
-                "time_ids": negative_add_time_ids.to(device).repeat(rows, 1),
-            }
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, rows, do_cfg
-            )
-            for embeds in image_embeds:
-                halves = embeds.chunk(2) if do_cfg else (None, embeds)
-                for role, half in zip(("uncond", "cond"), halves):
-                    if half is not None:
-                        conditioning[role].setdefault("image_embeds", []).append(half)
-
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         if denoising_end is not None and isinstance(denoising_end, float) and 0 < denoising_end < 1:
             cutoff = int(round(self.scheduler.config.num_train_timesteps * (1 - denoising_end)))
             num_inference_steps = len([ts for ts in timesteps if ts >= cutoff])
             timesteps = timesteps[:num_inference_steps]
+        return timesteps, num_inference_steps, num_warmup_steps
 
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(rows)
-            timestep_cond = self.get_guidance_scale_embedding(
-                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
+    def _time_ids(self, embeds, size, original_size, crops_coords_top_left, target_size, negative_original_size,
+                  negative_crops_coords_top_left, negative_target_size):
+        """(add_time_ids, negative_add_time_ids): SDXL's micro-conditioning, adapted from diffusers 0.42
+        StableDiffusionXLPipeline.__call__ ("7. Prepare added time ids & embeddings")."""
+        prompt_embeds, _, pooled_prompt_embeds, _ = embeds
+        if self.text_encoder_2 is None:
+            projection_dim = int(pooled_prompt_embeds.shape[-1])
+        else:
+            projection_dim = self.text_encoder_2.config.projection_dim
+        add_time_ids = self._get_add_time_ids(
+            original_size or size, crops_coords_top_left, target_size or size, dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        )
+        if negative_original_size is not None and negative_target_size is not None:
+            return add_time_ids, self._get_add_time_ids(
+                negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                dtype=prompt_embeds.dtype, text_encoder_projection_dim=projection_dim,
+            )
+        return add_time_ids, add_time_ids
 
-        control_scales: list[float] = []  # this step's scale of each control (0 outside its window)
+    def _conditioning(self, embeds, time_ids, rows, device, ip_adapter_image, ip_adapter_image_embeds) -> dict:
+        """The UNet's conditioning by role ("cond"; "uncond" with CFG): branch k of a UNet call gets the
+        tensors of its role (seg_core.methods.Branch). Ours: diffusers concatenates [uncond, cond] instead."""
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = embeds
+        add_time_ids, negative_add_time_ids = time_ids
+        do_cfg = self.do_classifier_free_guidance
+        conditioning = {"cond": {"prompt_embeds": prompt_embeds.to(device),
+                                 "text_embeds": pooled_prompt_embeds.to(device),
+                                 "time_ids": add_time_ids.to(device).repeat(rows, 1)}}
+        if do_cfg:
+            conditioning["uncond"] = {"prompt_embeds": negative_prompt_embeds.to(device),
+                                      "text_embeds": negative_pooled_prompt_embeds.to(device),
+                                      "time_ids": negative_add_time_ids.to(device).repeat(rows, 1)}
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            # diffusers' IP-Adapter embeddings ([uncond, cond] halves with CFG), split by role.
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, rows, do_cfg
+            )
+            for embeds_k in image_embeds:
+                halves = embeds_k.chunk(2) if do_cfg else (None, embeds_k)
+                for role, half in zip(("uncond", "cond"), halves):
+                    if half is not None:
+                        conditioning[role].setdefault("image_embeds", []).append(half)
+        return conditioning
 
-        def model(x: torch.Tensor, t, branches: Sequence[Branch]) -> torch.Tensor:
-            """One UNet call (with ControlNet residuals) on ``branches`` (see seg_core.methods.ModelFn)."""
-            def gather(table, key):
-                return torch.cat([select_rows(table[b.role][key], b.rows) for b in branches])
+    def _timestep_cond(self, rows, device, dtype):
+        """The guidance-scale embedding of guidance-distilled UNets (LCM), as diffusers 0.42
+        StableDiffusionXLPipeline.__call__ makes it ("9. Optionally get Guidance Scale Embedding"); else None."""
+        if self.unet.config.time_cond_proj_dim is None:
+            return None
+        guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(rows)
+        return self.get_guidance_scale_embedding(
+            guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+        ).to(device=device, dtype=dtype)
 
-            added_cond_kwargs = {"text_embeds": gather(conditioning, "text_embeds"),
-                                 "time_ids": gather(conditioning, "time_ids")}
-            if "image_embeds" in conditioning["cond"]:
-                added_cond_kwargs["image_embeds"] = [
-                    torch.cat([select_rows(conditioning[b.role]["image_embeds"][k], b.rows) for b in branches])
-                    for k in range(len(conditioning["cond"]["image_embeds"]))
-                ]
-            residuals = {}
-            # The ControlNet is not patched, so branches of one role get the same residuals: compute them
-            # once per role. Guess mode feeds it only the conditional role; the others get zeros.
-            control_roles = [r for r in dict.fromkeys(b.role for b in branches) if r == "cond" or not guess]
-            if controlnet is not None and control_roles:
-                down, mid = controlnet(
-                    torch.cat([x] * len(control_roles)), t,
-                    encoder_hidden_states=torch.cat([conditioning[r]["prompt_embeds"] for r in control_roles]),
-                    **_controlnet_inputs(controlnet, control_images, control_scales, controls.modes,
-                                         len(control_roles), prompt_embeds.dtype),
-                    guess_mode=guess,
-                    added_cond_kwargs={
-                        k: torch.cat([conditioning[r][k] for r in control_roles]) for k in ("text_embeds", "time_ids")
-                    },
-                    return_dict=False,
-                )
-                residuals = {
-                    "down_block_additional_residuals": [_rows_by_branch(d, control_roles, branches) for d in down],
-                    "mid_block_additional_residual": _rows_by_branch(mid, control_roles, branches),
-                }
-            return self.unet(
-                torch.cat([select_rows(x, b.rows) for b in branches]), t,
-                encoder_hidden_states=gather(conditioning, "prompt_embeds"),
-                timestep_cond=None if timestep_cond is None else torch.cat([select_rows(timestep_cond, b.rows) for b in branches]),
-                cross_attention_kwargs=cross_attention_kwargs,
-                added_cond_kwargs=added_cond_kwargs,
-                return_dict=False,
-                **residuals,
-            )[0]
+    # ---- the denoising loop ---------------------------------------------------------------------------
 
-        plan = BranchPlan()
-        sharing = DownBlockSharing() if self.share_down_blocks else None
-        guided = GuidedStep(guidance_methods, plan, sharing)
+    def _denoise(self, model: ControlledUNet, methods, latents, timesteps, num_inference_steps, num_warmup_steps,
+                 extra_step_kwargs, callbacks: "_Callbacks") -> torch.Tensor:
+        """The denoising loop of diffusers 0.42 StableDiffusionXLPipeline.__call__ ("8. Denoising loop"), with
+        its noise prediction replaced by ours: one guided step (seg_core.methods.GuidedStep) of ``methods``.
+        As in diffusers, CFG's scale and flag are read at every step, so a callback may change them."""
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
-        with patched_self_attention(self.unet, guided.patched_layers(), plan), \
-                shared_down_blocks(self.unet, sharing) if sharing else nullcontext(), \
+        conditioning = model.conditioning
+        with GuidedStep(methods, self.unet, self.share_down_blocks).installed() as guided, \
                 self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                if controls is not None:
-                    control_scales = controls.scales_at(i, len(timesteps))
+                model.at_step(i, len(timesteps))
                 x = self.scheduler.scale_model_input(latents, t)
                 do_cfg = self.do_classifier_free_guidance
-                missing = sorted(conditioning["cond"].keys() - conditioning.get("uncond", {}).keys()) if do_cfg else []
-                if missing:
-                    raise ValueError(f"guidance_scale became {self.guidance_scale} at step {i}, but there are no "
-                                     f"unconditional {', '.join(missing)}: a callback that turns CFG on must return "
-                                     "[uncond, cond] rows of prompt_embeds, add_text_embeds and add_time_ids")
+                _check_roles(conditioning, do_cfg, self.guidance_scale, i)
                 noise_pred = guided(model, x, t, i, len(timesteps), self.scheduler,
                                     self.guidance_scale, do_cfg, self.guidance_rescale)
 
@@ -545,24 +488,23 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if latents.dtype != latents_dtype and torch.backends.mps.is_available():
                     latents = latents.to(latents_dtype)
-
-                if callback_on_step_end is not None:
-                    callback_kwargs = self._callback_tensors(callback_on_step_end_tensor_inputs, latents, conditioning, do_cfg)
-                    outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = outputs.pop("latents", latents)
-                    # Returned embeddings are laid out for the next step, as the callback has left CFG.
-                    self._apply_callback_tensors(outputs, conditioning, self.do_classifier_free_guidance)
+                if callbacks.on_step_end is not None:
+                    latents = self._step_end(callbacks, i, t, latents, conditioning, do_cfg)
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
-                    if callback is not None and i % callback_steps == 0:
-                        callback(i // getattr(self.scheduler, "order", 1), t, latents)
+                    if callbacks.legacy is not None and i % callbacks.legacy_steps == 0:
+                        callbacks.legacy(i // getattr(self.scheduler, "order", 1), t, latents)
+        return latents
 
-        image = latents if output_type == "latent" else self.decode_latents_to_images(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return StableDiffusionXLPipelineOutput(images=image)
+    def _step_end(self, callbacks: "_Callbacks", i, t, latents, conditioning, do_cfg) -> torch.Tensor:
+        """diffusers' ``callback_on_step_end``: it sees and may replace the latents and the embeddings."""
+        callback_kwargs = self._callback_tensors(callbacks.tensor_inputs, latents, conditioning, do_cfg)
+        outputs = callbacks.on_step_end(self, i, t, callback_kwargs)
+        latents = outputs.pop("latents", latents)
+        # Returned embeddings are laid out for the next step, as the callback has left CFG.
+        self._apply_callback_tensors(outputs, conditioning, self.do_classifier_free_guidance)
+        return latents
 
     _callback_roles = {"prompt_embeds": "prompt_embeds", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
 
@@ -611,51 +553,35 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         return self.image_processor.postprocess(image, output_type=output_type)
 
 
-@dataclass
-class Controls:
-    """One entry per control: its image, conditioning scale, guidance window and (union model) mode."""
+class _Callbacks:
+    """diffusers' step callbacks: ``callback_on_step_end`` (with the tensors it asks for) and the deprecated
+    ``callback`` every ``callback_steps`` steps."""
 
-    images: list
-    scales: list[float]
-    starts: list[float]
-    ends: list[float]
-    modes: list[int] | None = None
-
-    def scales_at(self, step: int, steps: int) -> list[float]:
-        """Each control's scale at ``step`` of ``steps``: 0 outside its window (diffusers' rule)."""
-        return [scale * (1.0 - float(step / steps < start or (step + 1) / steps > end))
-                for scale, start, end in zip(self.scales, self.starts, self.ends)]
+    def __init__(self, on_step_end, tensor_inputs, legacy, legacy_steps):
+        if isinstance(on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = on_step_end.tensor_inputs
+        self.on_step_end, self.tensor_inputs = on_step_end, tensor_inputs
+        self.legacy, self.legacy_steps = legacy, legacy_steps
 
 
-def _per_control(name: str, value, count: int) -> list:
-    """``value`` as a list of ``count``: a single value applies to every control."""
-    if not isinstance(value, (list, tuple)):
-        return [value] * count
-    if len(value) != count:
-        raise ValueError(f"{name} must be one value or a list of one per control ({count}), got {list(value)!r}")
-    return list(value)
+def _batch_size(prompt, prompt_embeds) -> int:
+    """The number of prompts (as diffusers 0.42 StableDiffusionXLPipeline.__call__ counts them)."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    if prompt_embeds is None:
+        raise ValueError("pass `prompt` (a string or list of strings; '' for unconditional) or `prompt_embeds`")
+    return prompt_embeds.shape[0]
 
 
-def _controlnet_inputs(controlnet, images, scales, modes, copies: int, dtype) -> dict:
-    """The control arguments of one ControlNet call on ``copies`` stacked copies of the latents, laid out
-    as diffusers' SDXL ControlNet pipelines pass them to each kind of ControlNet."""
-    conds = [torch.cat([image] * copies) for image in images]
-    if isinstance(controlnet, ControlNetModel):
-        return {"controlnet_cond": conds[0], "conditioning_scale": scales[0]}
-    inputs = {"controlnet_cond": conds, "conditioning_scale": scales}
-    if isinstance(controlnet, ControlNetUnionModel):
-        control_type = torch.zeros(controlnet.config.num_control_type).scatter_(0, torch.tensor(modes), 1)
-        rows = conds[0].shape[0]
-        inputs["control_type"] = control_type.reshape(1, -1).to(conds[0].device, dtype=dtype).repeat(rows, 1)
-        inputs["control_type_idx"] = modes
-    return inputs
-
-
-def _rows_by_branch(tensor: torch.Tensor, computed: Sequence[str], branches: Sequence[Branch]) -> torch.Tensor:
-    """Lay out per-role results (``computed``, one chunk each) for ``branches``; zeros for roles not computed."""
-    chunks = dict(zip(computed, tensor.chunk(len(computed))))
-    zero = torch.zeros_like(chunks[computed[0]])
-    return torch.cat([select_rows(chunks.get(b.role, zero), b.rows) for b in branches])
+def _check_roles(conditioning: dict, do_cfg: bool, guidance_scale, step: int) -> None:
+    """ValueError where CFG is on (a callback may turn it on) but the unconditional tensors are missing."""
+    missing = sorted(conditioning["cond"].keys() - conditioning.get("uncond", {}).keys()) if do_cfg else []
+    if missing:
+        raise ValueError(f"guidance_scale became {guidance_scale} at step {step}, but there are no "
+                         f"unconditional {', '.join(missing)}: a callback that turns CFG on must return "
+                         "[uncond, cond] rows of prompt_embeds, add_text_embeds and add_time_ids")
 
 
 def _check_schedule(num_inference_steps, timesteps, sigmas) -> None:
@@ -669,35 +595,4 @@ def _check_schedule(num_inference_steps, timesteps, sigmas) -> None:
         if not 1 <= len(custom) <= MAX_STEPS:
             raise ValueError(f"{name} must hold 1 to {MAX_STEPS} values, got {len(custom)}")
         return  # num_inference_steps is ignored, as in diffusers
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
-        raise ValueError(f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {num_inference_steps!r}")
-
-
-def _short_repr(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_control_image(image) -> None:
-    """ValueError unless ``image`` is a PIL image, array or tensor (or a list of them) of a usable size."""
-    import numpy as np
-    from PIL import Image
-
-    items = image if isinstance(image, list) else [image]
-    if not items:
-        raise ValueError("image must be a PIL image, numpy array or torch tensor (or a list of them), got []")
-    for item in items:
-        if isinstance(item, Image.Image):
-            width, height = item.size
-        elif isinstance(item, (np.ndarray, torch.Tensor)):
-            if item.ndim not in (2, 3, 4):
-                raise ValueError(f"image arrays must have 2 to 4 dimensions, got shape {tuple(item.shape)}")
-            if isinstance(item, torch.Tensor) and item.ndim >= 3:
-                height, width = item.shape[-2:]
-            else:
-                height, width = item.shape[-3:-1] if item.ndim == 4 else item.shape[:2]
-        else:
-            raise ValueError("image must be a PIL image, numpy array or torch tensor (or a list of them), "
-                             f"got {type(item).__name__}")
-        if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
-            raise ValueError(f"image sides must be in [8, {MAX_SIDE}] pixels, got {width}x{height}")
+    check_integer("num_inference_steps", num_inference_steps, 1, MAX_STEPS, strict=True)

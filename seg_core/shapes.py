@@ -30,13 +30,9 @@ COLOURS = {
     "blue": (35, 70, 215),
     "purple": (140, 40, 180),
 }
-BACKGROUNDS = {
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-    "gray": (128, 128, 128),
-    "blue": (35, 70, 215),
-    "green": (40, 170, 50),
-}
+#: Blue and green backgrounds are the shapes' blue and green.
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128),
+               "blue": COLOURS["blue"], "green": COLOURS["green"]}
 
 
 def caption(shape: str, colour: str, background: str) -> str:

@@ -199,17 +199,17 @@ def test_non_square_and_odd_grids_run(pipe):
         (dict(seg_applied_layers=["mid", "x3"]), r"unknown attention layer 'x3'; allowed: 'down', 'mid', 'up', 'd0'..'d3', 'm0'..'m1', 'u0'..'u5'"),
         (dict(seg_applied_layers=["m7"]), r"unknown attention layer 'm7'"),
         (dict(pag_scale=1.0, pag_applied_layers=[]), r"at least one layer"),
-        (dict(seg_blur_sigma=-1.0), r"seg_blur_sigma must be >= 0 .* got -1.0"),
+        (dict(seg_blur_sigma=-1.0), r"seg_blur_sigma must be a number >= 0 or 'inf', got -1.0"),
         (dict(seg_blur_sigma=float("nan")), r"seg_blur_sigma must be a number >= 0 .* got nan"),
         (dict(seg_scale=-0.5), r"seg_scale must be in \[0, 100\], got -0.5"),
         (dict(pag_scale=float("nan")), r"pag_scale must be a finite number in \[0, 100\], got nan"),
         (dict(sag_scale=float("inf")), r"sag_scale must be a finite number"),
         (dict(guidance_scale=-1.0), r"guidance_scale must be in \[0, 100\], got -1.0"),
         (dict(sag_scale=1.0, sag_blur_sigma=0.0), r"sag_blur_sigma must be in \(0, 10\], got 0.0"),
-        (dict(height=60), r"height must be a positive multiple of 8 .* got 60"),
-        (dict(width=0), r"width must be a positive multiple of 8 .* got 0"),
+        (dict(height=60), r"height must be a multiple of 8 in \[8, 4096\], got 60"),
+        (dict(width=0), r"width must be a multiple of 8 in \[8, 4096\], got 0"),
         (dict(num_inference_steps=0), r"num_inference_steps must be an integer in \[1, 1000\], got 0"),
-        (dict(seg_blur_target="value"), r"seg_blur_target must be 'query' or 'key', got 'value'"),
+        (dict(seg_blur_target="value"), r"seg_blur_target must be one of \['query', 'key'\], got 'value'"),
         (dict(seg_blur_kernel="box"), r"seg_blur_kernel must be one of"),
         (dict(perturbation_guidance_start=0.8, perturbation_guidance_end=0.2), r"perturbation_guidance_start \(0.8\) must be below"),
         (dict(image=object()), r"no `controlnet` component"),
@@ -260,3 +260,42 @@ def test_tiny_preset_is_deterministic():
     a, b = load_pipeline("tiny", device="cpu"), load_pipeline("tiny", device="cpu")
     for pa, pb in zip(a.unet.parameters(), b.unet.parameters()):
         assert torch.equal(pa, pb)
+
+
+# ---- the guidance arguments: one source (seg_core.options.GUIDANCE) ---------------------------------
+
+
+def test_guidance_arguments_are_the_options():
+    import inspect
+
+    from seg_core import build_guidance_methods
+    from seg_core.options import GUIDANCE
+
+    for function in (StableDiffusionXLSEGPipeline.__call__, build_guidance_methods):
+        parameters = inspect.signature(function).parameters
+        guidance = {name: p.default for name, p in parameters.items() if name in GUIDANCE}
+        assert list(guidance) == list(GUIDANCE), function
+        assert guidance == {name: option.default for name, option in GUIDANCE.items()}, function
+    own = set(inspect.signature(build_guidance_methods).parameters)
+    assert own == set(GUIDANCE)  # nothing else, and nothing left out
+    doc = StableDiffusionXLSEGPipeline.__call__.__doc__
+    for name, option in GUIDANCE.items():  # the help is the option's (whitespace aside)
+        entry = doc[doc.index(f"            {name} ("):]
+        assert option.help.split()[:6] == entry.split("):", 1)[1].split()[:6], name
+
+
+@pytest.mark.parametrize("name, value", [("seg_scale", -0.5), ("seg_blur_sigma", "blurry"), ("pag_scale", math.nan),
+                                         ("sag_blur_sigma", 0.0), ("seg_blur_kernel", "box"),
+                                         ("perturbation_guidance_end", 2.0), ("pag_adaptive_scale", 1.5)])
+def test_a_wrong_guidance_value_is_refused_with_its_options_message(pipe, name, value):
+    from seg_core.options import GUIDANCE, check_interval
+
+    with pytest.raises(ValueError) as expected:
+        if name.startswith("perturbation_guidance"):  # a pair, checked by the options' interval rule
+            check_interval(0.0, value, "perturbation_guidance")
+        else:
+            GUIDANCE[name].check(value)
+    kwargs = {"sag_scale": 1.0, "pag_scale": 1.0} if name.startswith(("sag", "pag_")) and name != "pag_scale" else {}
+    with pytest.raises(ValueError) as refused:
+        run(pipe, **{**kwargs, name: value})
+    assert str(refused.value) == str(expected.value)

@@ -14,7 +14,6 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftest import generator, sharpen_self_attention
-from seg_core.attention import BranchPlan, patched_self_attention
 from seg_core.methods import SAG, GuidedStep
 from seg_core.tiny import byte_level_tokenizer
 
@@ -50,10 +49,7 @@ def seg_core_sag_loop(pipe, prompt, steps, guidance_scale, sag_scale, size):
     embeds = {"cond": cond, "uncond": uncond}
     pipe.scheduler.set_timesteps(steps)
     latents = pipe.prepare_latents(1, 4, size[0], size[1], cond.dtype, "cpu", generator())
-    method = SAG(sag_scale)
-    method.bind(pipe.unet)
-    plan = BranchPlan()
-    step = GuidedStep([method], plan)
+    step = GuidedStep([SAG(sag_scale)], pipe.unet, share_down_blocks=False)
 
     def model(x, t, branches):
         assert all(b.rows is None for b in branches)
@@ -61,7 +57,7 @@ def seg_core_sag_loop(pipe, prompt, steps, guidance_scale, sag_scale, size):
                          encoder_hidden_states=torch.cat([embeds[b.role] for b in branches])).sample
 
     timesteps = pipe.scheduler.timesteps
-    with patched_self_attention(pipe.unet, step.patched_layers(), plan):
+    with step.installed():
         for i, t in enumerate(timesteps):
             x = pipe.scheduler.scale_model_input(latents, t)
             eps = step(model, x, t, i, len(timesteps), pipe.scheduler, guidance_scale, do_cfg)
