@@ -16,6 +16,7 @@ except ImportError:
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import random
 import re
@@ -95,7 +96,7 @@ UI_EXTRAS = {"generate": ("num_images",), "compare": ("sag_scale", "pag_scale", 
              "sweep": ("seg_blur_sigmas", "second_axis", "second_axis_values")}
 #: What a control map's preview reads (the first control's names; the second's end in "_2").
 CONTROL_MAP_INPUTS = ("control_type", "control_image", "size", "control_preprocess", *DETECTION)
-PER_CONTROL = ("control_type", "control_image", "control_preprocess", "control_map")
+PER_CONTROL = ("control_type", "control_image", "control_preprocess")
 
 
 def model_defaults(studio: Studio) -> dict:
@@ -113,10 +114,13 @@ def compare_defaults(studio: Studio) -> dict:
 
 
 def api_defaults(studio: Studio, endpoint: str) -> dict:
-    """An endpoint's defaults where they are not its options': none for the prompt (the one parameter a request
-    must send), a random seed (-1), and the model's."""
-    defaults = {"prompt": None, "seed": -1, **model_defaults(studio)}
-    return {**defaults, **compare_defaults(studio)} if endpoint == "compare" else defaults
+    """An endpoint's defaults: its options', but none for the prompt (the one parameter a request must send), a
+    random seed (-1), and the model's where it has one."""
+    defaults = {name: option.default for name, option in ALL.items()}
+    defaults.update(prompt=None, seed=-1, **model_defaults(studio))
+    if endpoint == "compare":
+        defaults.update(compare_defaults(studio))
+    return defaults
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,7 +345,7 @@ def settings_panel(studio: Studio, inputs: Widgets, shown: Widgets, first: dict 
         inputs.option(ALL["guidance_scale"], defaults["guidance_scale"], elem_id="cfg-scale",
                       info=f"{ALL['guidance_scale'].help} {defaults['guidance_scale']:g} suits this model.")
     with gr.Row():
-        start, infinite = log2_sigma(defaults["seg_blur_sigma"]), defaults["seg_blur_sigma"] == float("inf")
+        start, infinite = log2_sigma(defaults["seg_blur_sigma"]), math.isinf(defaults["seg_blur_sigma"])
         inputs.add("log2_sigma", gr.Slider(0, LOG2_SIGMA_MAX, value=start, step=0.5, scale=3,
                                            label=sigma_label(start, infinite), elem_id="log2-sigma"))
         inputs.add("infinite_sigma", gr.Checkbox(value=infinite, label="infinite σ", elem_id="infinite-sigma",
@@ -555,8 +559,7 @@ def api_endpoints(handlers: Handlers, studio: Studio) -> None:
     with gr.Group(visible=False):
         for name, parameters in ENDPOINTS.items():
             defaults = api_defaults(studio, name)
-            hidden = [api_widget(ALL.get(p), defaults[p] if p in defaults else ALL[p].default if p in ALL else None,
-                                 studio.limits.max_upload_mb) for p in parameters]
+            hidden = [api_widget(ALL.get(p), defaults.get(p), studio.limits.max_upload_mb) for p in parameters]
             gr.Button(visible=False).click(bind(getattr(handlers, name), parameters, required=("prompt",)), hidden,
                                            API_OUTPUTS[name](), api_name=name, concurrency_limit=1,
                                            concurrency_id="generation")
