@@ -1,7 +1,9 @@
 """Gradio demo of Smoothed Energy Guidance (SEG) for SDXL, with vanilla SDXL, SAG and PAG to compare.
 
-UI only: layout, events and input checks. Generation (seeds, progress, UNet counting, grids, PNG
-metadata, the per-model lock) lives in seg_core.studio.  `python app.py --help` lists the flags.
+A thin layer of widgets bound to one handler object (:class:`Handlers`): each handler converts widget values
+(size preset, log2 σ slider, random seed) and calls seg_core.studio, which checks every value and applies the
+model's defaults. The widgets are built from seg_core.options (seg_core.ui); the API's parameters are listed
+once (PARAMETERS). `python app.py --help` lists the flags.
 """
 
 from __future__ import annotations
@@ -12,12 +14,7 @@ except ImportError:
     pass
 
 import argparse
-import base64
-import binascii
 import dataclasses
-import functools
-import html
-import inspect
 import logging
 import math
 import os
@@ -26,221 +23,259 @@ import re
 from pathlib import Path
 
 import gradio as gr
-from gradio.context import LocalContext
-from gradio.data_classes import ImageData
-from gradio_client.utils import is_http_url_like
-from pydantic import ConfigDict, model_validator
 from starlette.middleware import Middleware
 
-from seg_core.guard import FILE_REFUSED, RequestGuard, is_upload
-from seg_core.studio import (
-    GenerationCancelled,
-    Limits,
-    Settings,
-    Studio,
-    format_sigma,
-    parse_sigma,
-    parse_values,
-)
 from seg_core.control import Detection
+from seg_core.guard import RequestGuard
+from seg_core.options import COMPARE_AND_SWEEP, DETECTION, MAX_SEED, OPTIONS, SWEEP_AXES
 from seg_core.presets import model_for_hardware
 from seg_core.space import ABOUT, CITATION, LICENSE_NOTE, PAPER_URL, duplicate_hint, example_rows, rendered_examples
-from seg_core.zerogpu import GPU, in_gpu_worker
+from seg_core.studio import Limits, Settings, Studio, format_sigma, parse_sigma, parse_values
+from seg_core.ui import (
+    LOG2_SIGMA_MAX,
+    PHONE_STYLE,
+    PIXELATED_STYLE,
+    ControlImage,
+    Widgets,
+    api_widget,
+    banner_html,
+    bind,
+    gpu,
+    infinite_ticked,
+    intro,
+    log2_sigma,
+    parse_size,
+    rendered_note,
+    run_table,
+    sigma_from_ui,
+    sigma_label,
+    slider_after_tick,
+    watched,
+)
 
 logger = logging.getLogger("seg_app")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 QUEUE_SIZE = 16  # requests waiting; more are refused with "queue is full"
-SWEEP_AXES = {"none": "none", "SEG scale": "seg_scale", "CFG scale": "guidance_scale"}
 
-# Small results (the embedded model's 32 px, tiny's 64 px) fill their frame with visible pixels; SDXL's are
-# shown as they are. Sent through gr.HTML so that build_demo() is complete without launch(css=...).
-PIXELATED_STYLE = """<style>
-#result img, #compare-slider img, #control-map img { image-rendering: pixelated; width: 100%; height: 100%;
-  object-fit: contain; }
-#compare-gallery img, #result-images img { image-rendering: pixelated; }
-</style>"""
-# Every model: on a phone the results (tabs, buttons) come above the settings, and the gallery is 2 x 2.
-PHONE_STYLE = """<style>
-@media (max-width: 760px) {
-  #outputs { order: -1; }
-  #compare-gallery .grid-container { grid-template-columns: repeat(2, minmax(0, 1fr)) !important; }
-  #compare-gallery, #compare-gallery .grid-wrap { height: auto !important; max-height: none !important; }
+#: Every option a widget or an API parameter sets, by name.
+ALL = {**OPTIONS, **COMPARE_AND_SWEEP}
+SETTINGS_FIELDS = {field.name for field in dataclasses.fields(Settings)}
+
+#: The API's parameters (a client may pass them by position: never reorder), named as seg_core.options names
+#: them; the control images are files. /compare and /sweep edit this list (ENDPOINTS).
+PARAMETERS = (
+    "prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance_scale", "seg_scale", "seg_blur_sigma",
+    "seg_applied_layers", "pag_scale", "sag_scale", "perturbation_guidance_start", "perturbation_guidance_end",
+    "control_type", "control_image", "controlnet_conditioning_scale", "control_guidance_start",
+    "control_guidance_end", "control_preprocess", "detect_resolution", "canny_low_threshold", "canny_high_threshold",
+    "openpose_hands", "openpose_face", "control_type_2", "control_image_2", "controlnet_conditioning_scale_2",
+    "control_guidance_start_2", "control_guidance_end_2", "control_preprocess_2",
+)
+
+
+def edited(names: tuple, **replace: tuple) -> tuple:
+    """``names`` with each name in ``replace`` replaced by its tuple of names (empty: removed)."""
+    return tuple(new for name in names for new in replace.get(name, (name,)))
+
+
+ENDPOINTS = {
+    "generate": PARAMETERS,
+    "compare": edited(PARAMETERS, controlnet_conditioning_scale=("controlnet_conditioning_scale", "one_loop")),
+    "sweep": edited(PARAMETERS, seg_blur_sigma=("seg_blur_sigmas", "second_axis", "second_axis_values"),
+                    pag_scale=(), sag_scale=()),
 }
-</style>"""
+API_OUTPUTS = {
+    "generate": lambda: [gr.Image(type="filepath", format="png", label="image"), gr.JSON(label="info")],
+    "compare": lambda: [gr.Gallery(type="filepath", format="png", label="images"), gr.JSON(label="info")],
+    "sweep": lambda: [gr.Image(type="filepath", format="png", label="grid"), gr.JSON(label="info")],
+}
 
-# Amber border, a translucent amber wash and the theme's own text colour: readable on light and dark themes.
-BANNER_STYLE = ("border: 2px solid #e0a800; background: rgba(224, 168, 0, 0.14); color: inherit; "
-                "border-radius: 8px; padding: 8px 14px; line-height: 1.45")
-
-
-def banner_html(markdown: str) -> str:
-    """The studio's banner (bold, code and paragraphs only) as an HTML box that needs no CSS file."""
-    text = html.escape(markdown)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-    paragraphs = "".join(f"<p style='margin: 4px 0'>{p}</p>" for p in text.split("\n\n"))
-    return f"<div role='alert' style='{BANNER_STYLE}'>{paragraphs}</div>"
+#: The UI's inputs each request reads besides the settings panel (every other input widget).
+UI_EXTRAS = {"generate": ("num_images",), "compare": ("sag_scale", "pag_scale", "one_loop"),
+             "sweep": ("seg_blur_sigmas", "second_axis", "second_axis_values")}
+#: What a control map's preview reads (the first control's names; the second's end in "_2").
+CONTROL_MAP_INPUTS = ("control_type", "control_image", "size", "control_preprocess", *DETECTION)
+PER_CONTROL = ("control_type", "control_image", "control_preprocess")
 
 
-#: The σ slider is in log2 σ; its top, 2^14 > 9999, is infinite as for the authors (seg_core.parse_sigma).
-LOG2_SIGMA_MAX = 14.0
-LOG2_SIGMA_DEFAULT = 4.0  # σ 16, where unticking "infinite σ" starts
+def model_defaults(studio: Studio) -> dict:
+    """The options whose default is the model's: its profile's steps, first size, CFG, SEG scale and σ."""
+    width, height = studio.size_presets[0]
+    profile = studio.profile
+    return {"steps": studio.default_steps, "width": width, "height": height,
+            "guidance_scale": profile.guidance_scale, "seg_scale": profile.seg_scale,
+            "seg_blur_sigma": profile.seg_blur_sigma}
 
 
-def sigma_label(log2_sigma: float, infinite: bool) -> str:
-    if infinite or log2_sigma >= LOG2_SIGMA_MAX:
-        return "Blur σ = ∞ (slider at its top, 14; move it for a finite σ)"
-    return f"Blur σ = {2 ** log2_sigma:.4g}   (slider in log₂ σ: 0 → 1, 2 → 4, 4 → 16, ...; 14 = ∞)"
+def compare_defaults(studio: Studio) -> dict:
+    """Compare's SAG and PAG scales: the model's."""
+    return {"sag_scale": studio.profile.sag_scale, "pag_scale": studio.profile.pag_scale}
 
 
-def sigma_from_ui(log2_sigma: float, infinite: bool) -> float:
-    return math.inf if infinite or float(log2_sigma) >= LOG2_SIGMA_MAX else 2.0 ** float(log2_sigma)
+def api_defaults(studio: Studio, endpoint: str) -> dict:
+    """An endpoint's defaults: its options', but none for the prompt (the one parameter a request must send), a
+    random seed (-1), and the model's where it has one."""
+    defaults = {name: option.default for name, option in ALL.items()}
+    defaults.update(prompt=None, seed=-1, **model_defaults(studio))
+    if endpoint == "compare":
+        defaults.update(compare_defaults(studio))
+    return defaults
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(part) for part in str(text).lower().replace("×", "x").split("x"))
-    except ValueError:
-        raise gr.Error(f"size must look like 1024x1024, got {text!r}") from None
-    return width, height
+# --------------------------------------------------------------------------------------------------
+# The handlers
+# --------------------------------------------------------------------------------------------------
 
 
-def show_errors(fn):
-    """Library errors (ValueError naming the bad value, RuntimeError for what cannot be loaded or out of
-    memory) -> gr.Error with their message; anything else -> a short gr.Error, logged. The server goes on."""
+class Handlers:
+    """The demo's handlers, UI and API alike: each takes its inputs' values by name, converts the UI's own
+    widgets and calls the studio, which checks every value (seg_core.studio: Studio.settings); then it
+    shapes the result for the page or the API."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except GenerationCancelled as error:
-            raise gr.Error(str(error), print_exception=False) from error
-        except (ValueError, RuntimeError, OSError) as error:
-            raise gr.Error(str(error), print_exception=False) from error
-        except Exception as error:
-            logger.exception("request failed")
-            raise gr.Error(f"the request failed ({type(error).__name__}); the server logged it",
-                           print_exception=False) from error
+    def __init__(self, studio: Studio):
+        self.studio = studio
 
-    return wrapper
+    def settings(self, values: dict) -> Settings:
+        """The request's Settings: the values named as Settings' fields, plus the UI's size preset, log2 σ
+        slider and "random seed" tick converted; what is left out or None is the model's default."""
+        values = dict(values)
+        if "size" in values:
+            values["width"], values["height"] = parse_size(values.pop("size"))
+        if "log2_sigma" in values:
+            values["seg_blur_sigma"] = sigma_from_ui(values.pop("log2_sigma"), values.pop("infinite_sigma"))
+        if values.pop("randomize_seed", False):
+            values["seed"] = -1
+        return self.studio.settings(**{name: value for name, value in values.items() if name in SETTINGS_FIELDS})
 
+    def compare_request(self, values: dict):
+        """(settings, SAG scale, PAG scale, one loop) of a Compare request."""
+        values = dict(values)
+        sag_scale, pag_scale = values.pop("sag_scale"), values.pop("pag_scale")
+        # (Studio.compare does not check one_loop; "yes" would run as True)
+        one_loop = COMPARE_AND_SWEEP["one_loop"].check(values.pop("one_loop"))
+        return self.settings(values), sag_scale, pag_scale, one_loop
 
-def cancellation_check():
-    """For the Gradio event running this handler, a function that turns True once the event was
-    cancelled (``/cancel``, e.g. ``job.cancel()`` in gradio_client) or its client went away (tab closed).
+    def sweep_request(self, values: dict, sigmas_name: str = "seg_blur_sigmas",
+                      values_name: str = "second_axis_values"):
+        """(settings, sigmas, second axis, its values) of a Sweep request, the lists parsed from their text."""
+        axis = values["second_axis"] or "none"
+        text = values["second_axis_values"]
+        rows = parse_values(text, values_name) if axis != "none" and str(text or "").strip() else []
+        return self.settings(values), parse_values(values["seg_blur_sigmas"], sigmas_name, parse_sigma), axis, rows
 
-    Gradio cannot stop a handler's thread; it drops a cancelled event from its running jobs and marks
-    the event of a lost client as not alive. Generation polls this after every denoising step.
-    None outside a Gradio event (a direct call), and in a ZeroGPU worker: there the queue is the copy
-    taken when the worker was forked, so it would call every later request cancelled; ZeroGPU bounds the
-    work itself (the request's duration, seg_core.zerogpu).
-    """
-    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
-    queue = getattr(blocks, "_queue", None)
-    if queue is None or event_id is None or in_gpu_worker():
-        return None
+    def _generate(self, values: dict, progress, count: int = 1):
+        settings = self.settings(values)
+        runs, control = self.studio.generate_images(settings, count, values["control_image"],
+                                                    control_image_2=values["control_image_2"], **watched(progress))
+        return settings, runs, control
 
-    def should_stop() -> bool:
-        for job in list(queue.active_jobs):
-            for event in job or ():
-                if event._id == event_id:
-                    return not event.alive
-        return True
+    def _compare(self, values: dict, progress):
+        settings, sag_scale, pag_scale, one_loop = self.compare_request(values)
+        runs, control = self.studio.compare(settings, values["control_image"], sag_scale, pag_scale, one_loop=one_loop,
+                                            control_image_2=values["control_image_2"], **watched(progress))
+        return settings, runs, control
 
-    return should_stop
+    def _sweep(self, values: dict, progress, *names: str):
+        settings, sigmas, axis, rows = self.sweep_request(values, *names)
+        sweep, control = self.studio.sweep(settings, sigmas, axis, rows, values["control_image"],
+                                           control_image_2=values["control_image_2"], **watched(progress))
+        return settings, sweep, control
 
+    # ---- the API: parameters named as the library's; every one but `prompt` optional ------------------
 
-class ControlImageData(ImageData):
-    model_config = ConfigDict(json_schema_extra={"description": (
-        "An image file uploaded with the request (gradio_client: handle_file(path)); server paths and URLs "
-        "are refused.")})
+    @gpu(lambda self, values: self.studio.gpu_seconds("generate", self.settings(values)))
+    def generate(self, values: dict, progress):
+        """One image with SEG (and PAG / SAG if their scales are > 0). Returns the PNG (its metadata holds
+        every setting) and a JSON summary (seed used, time, UNet evaluations). seed -1: random;
+        seg_blur_sigma: a number, or "inf" (values > 9999 are infinite too)."""
+        _, runs, _ = self._generate(values, progress)
+        return runs[0].path, runs[0].info()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _not_a_file_payload(cls, value):
-        """A bare string (a path) or any other non-object: no file, refused in preprocess like a path."""
-        return value if isinstance(value, (dict, ImageData)) else {"path": ""}
+    @gpu(lambda self, values: self.studio.gpu_seconds("compare", self.compare_request(values)[0]))
+    def compare(self, values: dict, progress):
+        """Vanilla, SAG (sag_scale), PAG (pag_scale) and SEG (seg_scale, seg_blur_sigma) from one seed; a
+        scale left out is the model's default (SDXL: the paper's SAG 1, PAG 3, SEG 3). Returns the four labelled PNGs and, per method, its time and UNet evaluations. one_loop: all four
+        in one denoising loop with batched UNet calls (same images; faster on a GPU; one time for all)."""
+        _, runs, _ = self._compare(values, progress)
+        return [(run.path, run.label) for run in runs], [run.info() for run in runs]
 
+    @gpu(lambda self, values: self.studio.gpu_seconds("sweep", *self.sweep_request(values)))
+    def sweep(self, values: dict, progress):
+        """A labelled grid: seg_blur_sigmas (e.g. "1, 4, 16, inf") as columns and, optionally, second_axis
+        ("seg_scale" or "guidance_scale") over second_axis_values (e.g. "1, 3, 5") as rows; one seed."""
+        _, sweep, _ = self._sweep(values, progress)
+        return sweep.path, sweep.info()
 
-class ControlImage(gr.Image):
-    """An image input that hands the handler the bytes of a file Gradio received as an upload for this
-    request (or one of the examples it ships, which Gradio copies into its upload folder), for seg_core to
-    decode defensively. Anything else (a server path, with or without Gradio's ``meta``, a URL) is refused
-    with seg_core.guard.FILE_REFUSED, the same words whatever the path; the request guard refuses it
-    before it gets here, this is the second line."""
+    # ---- the page (private events: the API above has library-named arguments) ---------------------------
 
-    is_template = True  # the frontend is gr.Image's
-    data_model = ControlImageData
+    @gpu(lambda self, values: self.studio.gpu_seconds("generate", self.settings(values),
+                                                      images=int(values["num_images"])))
+    def ui_generate(self, values: dict, progress):
+        settings, runs, control = self._generate(values, progress, int(values["num_images"]))
+        more = gr.update(value=[(r.path, f"seed {r.settings.seed}") for r in runs], visible=len(runs) > 1)
+        return runs[0].path, more, settings.seed, generate_note(settings, runs), control
 
-    def __init__(self, *args, max_upload_mb: float = Limits.max_upload_mb, **kwargs):
-        super().__init__(*args, type="filepath", **kwargs)
-        self.max_upload_mb = max_upload_mb
+    @gpu(lambda self, values: self.studio.gpu_seconds("compare", self.compare_request(values)[0]))
+    def ui_compare(self, values: dict, progress):
+        settings, runs, control = self._compare(values, progress)
+        paths = {run.label: run.path for run in runs}
+        labels = list(paths)
+        gallery = [(run.path, run.label) for run in runs]  # times and UNet evaluations: in the table
+        how = f"all four in one loop, {runs[0].seconds:.2f} s in all" if runs[0].one_loop else "one after another"
+        return (
+            gallery, f"Seed **{settings.seed}**, same settings for all four, {how}.\n\n" + run_table(runs),
+            paths, gr.update(choices=labels, value=labels[0]), gr.update(choices=labels, value=labels[-1]),
+            (paths[labels[0]], paths[labels[-1]]), list(paths.values()), settings.seed, control,
+        )
 
-    def get_config(self, cls=None):
-        # The frontend needs gr.Image's props (label, buttons, sources, ...), which Gradio collects from
-        # the constructor's signature: ours has only *args / **kwargs.
-        return super().get_config(cls or gr.Image)
+    @gpu(lambda self, values: self.studio.gpu_seconds("sweep", *self.sweep_request(values, *UI_SWEEP_NAMES)))
+    def ui_sweep(self, values: dict, progress):
+        settings, sweep, control = self._sweep(values, progress, *UI_SWEEP_NAMES)
+        info = sweep.info()
+        text = (f"Seed **{settings.seed}** · {len(info['runs'])} images · {info['seconds']:.2f} s · "
+                f"{info['unet_evaluations']} UNet evaluations. The PNG carries all settings and both axes.")
+        return sweep.path, sweep.path, text, settings.seed, control
 
-    def example_inputs(self):
-        return {"path": "assets/control_house.png", "meta": {"_type": "gradio.FileData"},
-                "orig_name": "control_house.png"}
-
-    async def async_move_resource_to_block_cache(self, url_or_file_path):
-        if url_or_file_path is not None and is_http_url_like(str(url_or_file_path)):
-            raise gr.Error(FILE_REFUSED, print_exception=False)
-        return await super().async_move_resource_to_block_cache(url_or_file_path)
-
-    def preprocess(self, payload):
-        if payload is None:
+    def ui_control_map(self, values: dict):
+        """The preview of a control's map (nothing until it has a type and an image)."""
+        if values["control_type"] in (None, "none") or values["control_image"] is None:
             return None
-        limit = self.max_upload_mb * 2**20
-        if payload.url and payload.url.startswith("data:") and not payload.path:
-            encoded = payload.url.partition(",")[2]
-            if len(encoded) * 3 / 4 > limit:
-                raise gr.Error(f"control_image must be at most {self.max_upload_mb:g} MB, got "
-                               f"{len(encoded) * 3 / 4 / 2**20:.1f} MB", print_exception=False)
-            try:
-                return base64.b64decode(encoded, validate=False)
-            except (binascii.Error, ValueError):
-                raise gr.Error("control_image: the data URL is not valid base64", print_exception=False) from None
-        if not is_upload(payload.path):
-            raise gr.Error(FILE_REFUSED, print_exception=False)
-        with open(payload.path, "rb") as file:  # an upload: its size is ours to report
-            data = file.read(int(limit) + 1)
-        if len(data) > limit:
-            raise gr.Error(f"control_image must be at most {self.max_upload_mb:g} MB", print_exception=False)
-        return data
+        width, height = parse_size(values["size"])
+        detection = Detection(bool(values["control_preprocess"]), int(values["detect_resolution"]),
+                              int(values["canny_low_threshold"]), int(values["canny_high_threshold"]),
+                              bool(values["openpose_hands"]), bool(values["openpose_face"]))
+        try:
+            return self.studio.control_map(values["control_type"], values["control_image"], width, height, detection)
+        except RuntimeError as error:
+            gr.Warning(f"{error}. Choose 'canny' or 'none'.")
+            return None
 
 
-#: UI controls passed to Settings as they are (the panel's knobs and its second control).
-UI_CONTROL_FIELDS = ("control_guidance_start", "control_guidance_end", "control_preprocess", "detect_resolution",
-                     "canny_low_threshold", "canny_high_threshold", "openpose_hands", "openpose_face",
-                     "control_type_2", "controlnet_conditioning_scale_2", "control_guidance_start_2",
-                     "control_guidance_end_2", "control_preprocess_2")
+#: How the page names the sweep's lists in an error (the API uses the parameters' names).
+UI_SWEEP_NAMES = ("blur σ values", "second axis values")
 
 
-def rendered_note(example: dict) -> str:
-    """The caption of an example's results shown before anyone clicks."""
-    what = f"“{example['prompt']}”" if example["prompt"] else "unconditional (no prompt)"
-    return (f"Rendered ahead on this model: {what}, seed **{example['seed']}**, {example['steps']} steps, "
-            f"CFG {example['guidance_scale']:g}. Run your own with the button above.")
+def generate_note(settings: Settings, runs) -> str:
+    """What Generate shows under its image."""
+    method = runs[0].settings.method
+    if settings.seg_scale > 0:
+        method += f" (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})"
+    seeds = f"seed **{settings.seed}**" if len(runs) == 1 else f"seeds **{settings.seed}**–{runs[-1].settings.seed}"
+    return (f"**{method}** · {seeds} · {settings.width}×{settings.height} · {settings.steps} steps · "
+            f"{sum(r.seconds for r in runs):.2f} s · **{sum(r.unet_evaluations for r in runs)} UNet evaluations** "
+            f"({runs[0].info()['unet_evaluations_per_step']:g} per step and image). The PNGs carry all settings.")
 
 
-def progress_reporter(progress: gr.Progress):
-    return lambda done, total, label: progress((done, total), desc=f"{label}: step {done}/{total}", unit="steps")
+def show_pair(paths: dict, left_label: str, right_label: str):
+    if left_label not in paths or right_label not in paths:
+        return None
+    return paths[left_label], paths[right_label]
 
 
-def run_table(runs) -> str:
-    rows = ["| Method | Time (s) | UNet evaluations | per step |", "|---|---:|---:|---:|"]
-    for run in runs:
-        info = run.info()
-        seconds = "(one loop)" if run.one_loop else f"{info['seconds']:.2f}"
-        rows.append(f"| {run.label} | {seconds} | {info['unet_evaluations']} | "
-                    f"{info['unet_evaluations_per_step']:g} |")
-    return "\n".join(rows)
+# --------------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------------
 
 
 def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | None = None,
@@ -262,517 +297,272 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         if notice:
             logger.warning(re.sub(r"[*`]", "", notice))
     studio = (studio or Studio(model, device=device, limits=limits, notice=notice, compile=compile)).preload()  # before launch()
-    limits = studio.limits
-    sizes = [(f"{w}×{h}", f"{w}x{h}") for w, h in studio.size_presets]
-    control_choices = studio.control_types
-    control_examples = sorted(str(p) for p in ASSETS.glob("control_*.png"))
-
-    def ui_settings(values: dict):
-        """Settings from the UI controls (sigma from the log2 slider, size from the preset, seed)."""
-        width, height = parse_size(values["size"])
-        seed = values["seed"]
-        if values["randomize_seed"] or seed is None:
-            seed = -1
-        control_type = values["control_type"] or "none"
-        if control_type != "none" and values["control_image"] is None:
-            raise gr.Error(f"ControlNet '{control_type}': upload a control image or pick an example first")
-        if (values["control_type_2"] or "none") != "none" and values["control_image_2"] is None:
-            raise gr.Error(f"Second control '{values['control_type_2']}': upload its image first")
-        settings = studio.settings(
-            prompt=values["prompt"], negative_prompt=values["negative_prompt"], seed=seed,
-            steps=int(values["steps"]), width=width, height=height,
-            guidance_scale=float(values["guidance_scale"]), seg_scale=float(values["seg_scale"]),
-            seg_blur_sigma=sigma_from_ui(values["log2_sigma"], values["infinite_sigma"]),
-            seg_applied_layers=values["applied_layers"],
-            perturbation_guidance_start=float(values["guidance_start"]),
-            perturbation_guidance_end=float(values["guidance_end"]),
-            control_type=control_type,
-            controlnet_conditioning_scale=float(values["controlnet_conditioning_scale"]),
-            **{name: values[name] for name in UI_CONTROL_FIELDS},
-        )
-        return settings, values["control_image"]
-
-    def on_gpu(request_seconds):
-        """``spaces.GPU`` asking, per request, for ``request_seconds(arguments)`` (computed in the server
-        before the request is scheduled: a request that could never fit the quota is refused at once)."""
-
-        def decorate(handler):
-            signature = inspect.signature(handler)
-
-            @show_errors
-            def duration(*args, **kwargs):
-                arguments = signature.bind(*args, **kwargs)
-                arguments.apply_defaults()
-                return request_seconds(dict(arguments.arguments))
-
-            return GPU(handler, duration=duration)
-
-        return decorate
-
-    def ui_sweep_axes(values: dict):
-        """The sweep's sigmas, second axis and its values from the UI controls."""
-        sigmas = parse_values(values["sweep_sigmas"], "blur σ values", parse_sigma)
-        axis = SWEEP_AXES.get(values["sweep_axis"], values["sweep_axis"])
-        axis_values = parse_values(values["sweep_values"], f"{values['sweep_axis']} values") if axis != "none" else []
-        return sigmas, axis, axis_values
-
-    def api_sweep_axes(values: dict):
-        """The sweep's sigmas, second axis and its values from the API's arguments."""
-        sigmas = parse_values(values["seg_blur_sigmas"], "seg_blur_sigmas", parse_sigma)
-        axis = values["second_axis"] or "none"
-        if axis not in ("none", *SWEEP_AXES.values()):
-            raise ValueError(f"second_axis must be 'none', 'seg_scale' or 'guidance_scale', got {axis!r}")
-        axis_values = parse_values(values["second_axis_values"], "second_axis_values") if axis != "none" else []
-        return sigmas, axis, axis_values
-
-    # ---- UI event handlers (private: the API below has library-named arguments) -------------------
-
-    @on_gpu(lambda values: studio.gpu_seconds("generate", ui_settings(values)[0], images=int(values["num_images"])))
-    @show_errors
-    def ui_generate(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
-                    log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
-                    control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                    control_preprocess, detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands,
-                    openpose_face, control_type_2, control_image_2, controlnet_conditioning_scale_2,
-                    control_guidance_start_2, control_guidance_end_2, control_preprocess_2, num_images=1,
-                    progress=gr.Progress()):
-        settings, image = ui_settings(locals())
-        runs, control = studio.generate_images(settings, int(num_images), image,
-                                               progress=progress_reporter(progress), should_stop=cancellation_check(),
-                                               control_image_2=control_image_2)
-        run = runs[0]
-        info = run.info()
-        method = run.settings.method
-        if settings.seg_scale > 0:
-            method += f" (scale {settings.seg_scale:g}, σ {format_sigma(settings.seg_blur_sigma)})"
-        seeds = (f"seed **{settings.seed}**" if len(runs) == 1
-                 else f"seeds **{settings.seed}**–{runs[-1].settings.seed}")
-        text = (f"**{method}** · {seeds} · {settings.width}×{settings.height} · "
-                f"{settings.steps} steps · {sum(r.seconds for r in runs):.2f} s · "
-                f"**{sum(r.unet_evaluations for r in runs)} UNet evaluations** "
-                f"({info['unet_evaluations_per_step']:g} per step and image). The PNGs carry all settings.")
-        more = gr.update(value=[(r.path, f"seed {r.settings.seed}") for r in runs], visible=len(runs) > 1)
-        return run.path, more, settings.seed, text, control
-
-    @on_gpu(lambda values: studio.gpu_seconds("compare", ui_settings(values)[0]))
-    @show_errors
-    def ui_compare(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
-                   log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
-                   control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                    control_preprocess, detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands,
-                    openpose_face, control_type_2, control_image_2, controlnet_conditioning_scale_2,
-                    control_guidance_start_2, control_guidance_end_2, control_preprocess_2, sag_scale, pag_scale,
-                   one_loop, progress=gr.Progress()):
-        settings, image = ui_settings(locals())
-        runs, control = studio.compare(settings, image, float(sag_scale), float(pag_scale),
-                                       progress=progress_reporter(progress), should_stop=cancellation_check(),
-                                       one_loop=bool(one_loop), control_image_2=control_image_2)
-        paths = {run.label: run.path for run in runs}
-        labels = list(paths)
-        gallery = [(run.path, run.label) for run in runs]  # times and UNet evaluations: in the table
-        how = (f"all four in one loop, {runs[0].seconds:.2f} s in all" if runs[0].one_loop
-               else "one after another")
-        return (
-            gallery, f"Seed **{settings.seed}**, same settings for all four, {how}.\n\n" + run_table(runs),
-            paths, gr.update(choices=labels, value=labels[0]), gr.update(choices=labels, value=labels[-1]),
-            (paths[labels[0]], paths[labels[-1]]), list(paths.values()), settings.seed, control,
-        )
-
-    @on_gpu(lambda values: studio.gpu_seconds("sweep", ui_settings(values)[0], *ui_sweep_axes(values)))
-    @show_errors
-    def ui_sweep(prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale,
-                 log2_sigma, infinite_sigma, applied_layers, guidance_start, guidance_end, control_type,
-                 control_image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
-                    control_preprocess, detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands,
-                    openpose_face, control_type_2, control_image_2, controlnet_conditioning_scale_2,
-                    control_guidance_start_2, control_guidance_end_2, control_preprocess_2, sweep_sigmas, sweep_axis,
-                 sweep_values, progress=gr.Progress()):
-        settings, image = ui_settings(locals())
-        sigmas, axis, values = ui_sweep_axes(locals())
-        sweep, control = studio.sweep(settings, sigmas, axis, values, image, progress=progress_reporter(progress),
-                                      should_stop=cancellation_check(), control_image_2=control_image_2)
-        info = sweep.info()
-        text = (f"Seed **{settings.seed}** · {len(info['runs'])} images · {info['seconds']:.2f} s · "
-                f"{info['unet_evaluations']} UNet evaluations. The PNG carries all settings and both axes.")
-        return sweep.path, sweep.path, text, settings.seed, control
-
-    @show_errors
-    def ui_control_map(control_type, control_image, size, preprocess=True, detect_resolution=512, low=100, high=200,
-                       hands=False, face=False):
-        if control_type in (None, "none") or control_image is None:
-            return None
-        width, height = parse_size(size)
-        detection = Detection(bool(preprocess), int(detect_resolution), int(low), int(high), bool(hands), bool(face))
-        try:
-            return studio.control_map(control_type, control_image, width, height, detection)
-        except RuntimeError as error:
-            gr.Warning(f"{error}. Choose 'canny' or 'none'.")
-            return None
-
-    # ---- API handlers: argument names are the library's; every one but `prompt` is optional -------
-
-    def api_settings(values: dict):
-        """Settings from an API handler's locals() (its parameters, named as Settings' fields)."""
-        fields = {f.name for f in dataclasses.fields(Settings)}
-        return studio.settings(**{k: v for k, v in values.items() if k in fields}), values.get("control_image")
-
-    @on_gpu(lambda values: studio.gpu_seconds("generate", api_settings(values)[0]))
-    @show_errors
-    def generate(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
-                 guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=None,
-                 sag_scale=None, perturbation_guidance_start=None, perturbation_guidance_end=None,
-                 control_type=None, control_image=None, controlnet_conditioning_scale=None,
-                 control_guidance_start=None, control_guidance_end=None, control_preprocess=None,
-                 detect_resolution=None, canny_low_threshold=None, canny_high_threshold=None, openpose_hands=None,
-                 openpose_face=None, control_type_2=None, control_image_2=None, controlnet_conditioning_scale_2=None,
-                 control_guidance_start_2=None, control_guidance_end_2=None, control_preprocess_2=None, progress=gr.Progress()):
-        """One image with SEG (and PAG / SAG if their scales are > 0). Returns the PNG (its metadata holds
-        every setting) and a JSON summary (seed used, time, UNet evaluations). seed -1: random;
-        seg_blur_sigma: a number, or "inf" (values > 9999 are infinite too)."""
-        settings, image = api_settings(locals())
-        run, _ = studio.generate(settings, image, progress=progress_reporter(progress),
-                                 should_stop=cancellation_check(), control_image_2=control_image_2)
-        return run.path, run.info()
-
-    @on_gpu(lambda values: studio.gpu_seconds("compare", api_settings(values)[0]))
-    @show_errors
-    def compare(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
-                guidance_scale=None, seg_scale=None, seg_blur_sigma=None, seg_applied_layers=None, pag_scale=None,
-                sag_scale=None, perturbation_guidance_start=None, perturbation_guidance_end=None,
-                control_type=None, control_image=None, controlnet_conditioning_scale=None, one_loop=False,
-                control_guidance_start=None, control_guidance_end=None, control_preprocess=None,
-                detect_resolution=None, canny_low_threshold=None, canny_high_threshold=None, openpose_hands=None,
-                openpose_face=None, control_type_2=None, control_image_2=None, controlnet_conditioning_scale_2=None,
-                control_guidance_start_2=None, control_guidance_end_2=None, control_preprocess_2=None,
-                progress=gr.Progress()):
-        """Vanilla, SAG (sag_scale), PAG (pag_scale) and SEG (seg_scale, seg_blur_sigma) from one seed; a
-        scale left out is the model's default (SDXL: the paper's SAG 1, PAG 3, SEG 3). Returns the four labelled PNGs and, per method, its time and UNet evaluations. one_loop: all four
-        in one denoising loop with batched UNet calls (same images; faster on a GPU; one time for all)."""
-        values = locals()
-        sag, pag, one_loop = values.pop("sag_scale"), values.pop("pag_scale"), values.pop("one_loop")
-        if not isinstance(one_loop, bool):
-            raise gr.Error(f"one_loop must be true or false, got {one_loop!r}", print_exception=False)
-        settings, image = api_settings(values)
-        runs, _ = studio.compare(settings, image, sag, pag, progress=progress_reporter(progress),
-                                 should_stop=cancellation_check(), one_loop=one_loop,
-                                 control_image_2=values["control_image_2"])
-        return [(run.path, run.label) for run in runs], [run.info() for run in runs]
-
-    @on_gpu(lambda values: studio.gpu_seconds("sweep", api_settings(values)[0], *api_sweep_axes(values)))
-    @show_errors
-    def sweep(prompt: str, negative_prompt=None, seed=None, steps=None, width=None, height=None,
-              guidance_scale=None, seg_scale=None, seg_blur_sigmas="1, 4, 16, 64, inf", second_axis="none",
-              second_axis_values="", seg_applied_layers=None, perturbation_guidance_start=None,
-              perturbation_guidance_end=None, control_type=None, control_image=None,
-              controlnet_conditioning_scale=None, control_guidance_start=None, control_guidance_end=None, control_preprocess=None,
-                 detect_resolution=None, canny_low_threshold=None, canny_high_threshold=None, openpose_hands=None,
-                 openpose_face=None, control_type_2=None, control_image_2=None, controlnet_conditioning_scale_2=None,
-                 control_guidance_start_2=None, control_guidance_end_2=None, control_preprocess_2=None, progress=gr.Progress()):
-        """A labelled grid: seg_blur_sigmas (e.g. "1, 4, 16, inf") as columns and, optionally, second_axis
-        ("seg_scale" or "guidance_scale") over second_axis_values (e.g. "1, 3, 5") as rows; one seed."""
-        values = locals()
-        sigmas, axis, axis_values = api_sweep_axes(values)
-        settings, image = api_settings(values)
-        result, _ = studio.sweep(settings, sigmas, axis, axis_values, image, progress=progress_reporter(progress),
-                                 should_stop=cancellation_check(), control_image_2=values["control_image_2"])
-        return result.path, result.info()
-
-    # ---- layout ---------------------------------------------------------------------------------------
-
+    handlers, inputs, shown = Handlers(studio), Widgets(), Widgets()
+    rendered = rendered_examples(studio.model)  # outputs rendered ahead (scripts/render_examples.py)
     with gr.Blocks(title="Smoothed Energy Guidance (SDXL)", delete_cache=(3600, 7200)) as demo:
-        gr.Markdown(
-            "# Smoothed Energy Guidance for SDXL\n"
-            f"[SEG]({PAPER_URL}) (Hong, NeurIPS 2024) guides a diffusion model away from a version of itself whose "
-            "self-attention is blurred with a Gaussian of standard deviation σ; σ = ∞ makes every query the mean "
-            "query. It needs no prompt and no training. Compare it with vanilla SDXL, SAG and PAG from the same "
-            f"seed, or sweep σ as in the paper's figures. Model: `{studio.model_id}`."
-        )
-        banner = studio.banner
-        gr.HTML(banner_html(banner) if banner else "", visible=bool(banner), elem_id="model-banner")
-        space_id = os.environ.get("SPACE_ID")  # set on a Hugging Face Space
-        if space_id:
-            with gr.Row(equal_height=True):
-                gr.Markdown(duplicate_hint(space_id), elem_id="duplicate-hint")
-                gr.DuplicateButton(scale=0, min_width=200)
-        rendered = rendered_examples(studio.model)  # outputs rendered ahead (scripts/render_examples.py)
-        first = rendered[0] if rendered else None
-        if max(studio.size_presets[0]) < 256:
-            gr.HTML(PIXELATED_STYLE, visible="hidden")
-        gr.HTML(PHONE_STYLE, visible="hidden")
-
+        page_header(studio)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=340):
-                prompt = gr.Textbox(first and first["prompt"], label="Prompt", lines=2, elem_id="prompt",
-                                    max_length=limits.max_prompt_chars,
-                                    placeholder="Leave empty for unconditional generation, as in the paper")
-                negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative-prompt",
-                                             max_length=limits.max_prompt_chars)
-                with gr.Row():
-                    seg_scale = gr.Slider(0, 10, value=studio.profile.seg_scale, step=0.1, label="SEG scale",
-                                          info="the authors keep 3 and vary σ", elem_id="seg-scale")
-                    guidance_scale = gr.Slider(1, 15, value=studio.profile.guidance_scale, step=0.5, label="CFG scale",
-                                               info=f"1 = no CFG, as in the paper's tables; "
-                                                    f"{studio.profile.guidance_scale:g} suits this model",
-                                               elem_id="cfg-scale")
-                with gr.Row():
-                    sigma = studio.profile.seg_blur_sigma
-                    start = LOG2_SIGMA_MAX if math.isinf(sigma) else math.log2(sigma)
-                    log2_sigma = gr.Slider(0, LOG2_SIGMA_MAX, value=start, step=0.5, scale=3,
-                                           label=sigma_label(start, math.isinf(sigma)), elem_id="log2-sigma")
-                    infinite_sigma = gr.Checkbox(value=math.isinf(sigma), label="infinite σ", elem_id="infinite-sigma",
-                                                 scale=1, min_width=100)
-                with gr.Row():
-                    size = gr.Dropdown(sizes, value=sizes[0][1], label="Size (width × height)", elem_id="size")
-                    steps = gr.Slider(1, min(100, limits.max_steps), value=studio.default_steps, step=1, label="Steps",
-                                      elem_id="steps")
-                with gr.Row(equal_height=True):
-                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (the one used is shown)",
-                                     elem_id="seed", scale=3)
-                    dice = gr.Button("New seed", size="sm", scale=0, min_width=90, elem_id="new-seed")
-                    randomize_seed = gr.Checkbox(value=False, label="random seed each run", scale=2,
-                                                 elem_id="randomize-seed")
-                with gr.Accordion("Advanced", open=False):
-                    applied_layers = gr.Dropdown(
-                        ["mid", "down", "up"], value=["mid"], multiselect=True, allow_custom_value=True,
-                        label="Applied layers (SEG, and PAG in Compare)", elem_id="applied-layers",
-                        info="mid, down, up, or single self-attention layers such as m0, d4, u0",
-                    )
-                    with gr.Row():
-                        guidance_start = gr.Slider(0, 1, value=0.0, step=0.05, elem_id="guidance-start",
-                                                   label="Guidance from (fraction of steps)")
-                        guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Guidance until",
-                                                 elem_id="guidance-end")
-                    with gr.Row():
-                        sag_scale = gr.Slider(0.05, 5, value=studio.profile.sag_scale, step=0.05, label="SAG scale (Compare)",
-                                              info="the paper compares with 1.0", elem_id="sag-scale")
-                        pag_scale = gr.Slider(0.1, 10, value=studio.profile.pag_scale, step=0.1, label="PAG scale (Compare)",
-                                              elem_id="pag-scale")
-                with gr.Accordion("ControlNet", open=False):
-                    control_type = gr.Radio(control_choices, value="none", label="ControlNet", elem_id="control-type",
-                                            info=None if "depth" in control_choices else
-                                            "depth needs its estimator's weights (Hub), not available here")
-                    with gr.Row():
-                        control_image = ControlImage(label="Control image", sources=["upload", "clipboard"],
-                                                     height=200, elem_id="control-image",
-                                                     max_upload_mb=limits.max_upload_mb)
-                        control_map = gr.Image(label="Control map (what the ControlNet sees)", interactive=False,
-                                               height=200, format="png", elem_id="control-map")
-                    if control_examples:
-                        gr.Examples(control_examples, inputs=[control_image], label="Example control images",
-                                    elem_id="control-examples")
-                    controlnet_conditioning_scale = gr.Slider(0, 2, value=1.0, step=0.05,
-                                                              label="ControlNet conditioning scale",
-                                                              elem_id="controlnet-scale")
-                    with gr.Row():
-                        control_guidance_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Control from",
-                                                           elem_id="control-start")
-                        control_guidance_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Control until",
-                                                         elem_id="control-end")
-                    control_preprocess = gr.Checkbox(True, label="Detect the map (off: the image already is a "
-                                                     "control map)", elem_id="control-preprocess")
-                    with gr.Row():
-                        detect_resolution = gr.Slider(64, 2048, value=512, step=64, label="Detect resolution",
-                                                      elem_id="detect-resolution")
-                        canny_low_threshold = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold",
-                                                        elem_id="canny-low")
-                        canny_high_threshold = gr.Slider(0, 255, value=200, step=1, label="Canny high threshold",
-                                                         elem_id="canny-high")
-                    with gr.Row():
-                        openpose_hands = gr.Checkbox(False, label="OpenPose: hands", elem_id="openpose-hands")
-                        openpose_face = gr.Checkbox(False, label="OpenPose: face", elem_id="openpose-face")
-                    with gr.Accordion("Second control (read with the first by the union ControlNet)", open=False,
-                                      elem_id="second-control"):
-                        control_type_2 = gr.Radio(control_choices, value="none", label="Second control",
-                                                  elem_id="control-type-2")
-                        with gr.Row():
-                            control_image_2 = ControlImage(label="Second control image", sources=["upload", "clipboard"],
-                                                           height=200, elem_id="control-image-2",
-                                                           max_upload_mb=limits.max_upload_mb)
-                            control_map_2 = gr.Image(label="Second control map", interactive=False, height=200,
-                                                     format="png", elem_id="control-map-2")
-                        controlnet_conditioning_scale_2 = gr.Slider(0, 2, value=1.0, step=0.05,
-                                                                    label="Second control's scale",
-                                                                    elem_id="controlnet-scale-2")
-                        with gr.Row():
-                            control_guidance_start_2 = gr.Slider(0, 1, value=0.0, step=0.05, label="From",
-                                                                 elem_id="control-start-2")
-                            control_guidance_end_2 = gr.Slider(0, 1, value=1.0, step=0.05, label="Until",
-                                                               elem_id="control-end-2")
-                        control_preprocess_2 = gr.Checkbox(True, label="Detect the map (off: a ready map)",
-                                                           elem_id="control-preprocess-2")
-
+                settings_panel(studio, inputs, shown, rendered[0] if rendered else None)
             with gr.Column(scale=3, min_width=340, elem_id="outputs"):
-                with gr.Tabs():
-                    with gr.Tab("Generate", id="generate"):
-                        generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
-                        result = gr.Image(first and first["images"][-1][0], label="Result (PNG with settings)",
-                                          type="filepath", format="png", interactive=False, height=512,
-                                          elem_id="result")
-                        result_info = gr.Markdown(first and rendered_note(first), elem_id="result-info")
-                        result_images = gr.Gallery(label="All images of the request", columns=4, type="filepath",
-                                                   format="png", object_fit="contain", height=230, visible=False,
-                                                   elem_id="result-images")
-                        num_images = gr.Slider(1, max(2, studio.max_images), value=1, step=1, elem_id="num-images",
-                                               label="Images per request (seeds seed, seed + 1, ...)",
-                                               visible=studio.max_images > 1)
-                    with gr.Tab("Compare", id="compare"):
-                        compare_button = gr.Button(f"Compare {studio.vanilla_label.lower()} · SAG · PAG · SEG", variant="primary",
-                                                   elem_id="compare-button")
-                        one_loop = gr.Checkbox(studio.pipeline().device.type == "cuda", elem_id="one-loop",
-                                               label="All four in one loop (faster on a GPU, one time for all "
-                                                     "four; the same images up to float rounding: a pixel may "
-                                                     "differ by 1/255)")
-                        gallery = gr.Gallery(first and first["images"], label="Same seed, same settings", columns=4,
-                                             rows=1, type="filepath", format="png", object_fit="contain", height=230,
-                                             elem_id="compare-gallery")
-                        compare_info = gr.Markdown(first and rendered_note(first), elem_id="compare-info")
-                        compare_paths = gr.State({})
-                        with gr.Row():
-                            left = gr.Dropdown([], label="Left", elem_id="slider-left")
-                            right = gr.Dropdown([], label="Right", elem_id="slider-right")
-                        pair = gr.ImageSlider(label="Drag to compare the pair", type="filepath", format="png",
-                                              elem_id="compare-slider")
-                        compare_files = gr.File(label="PNG files with settings", file_count="multiple")
-                    with gr.Tab("Sweep", id="sweep"):
-                        sweep_sigmas = gr.Textbox("1, 4, 16, 64, inf", label="Blur σ values (columns)",
-                                                  info="comma-separated; inf = infinite", elem_id="sweep-sigmas")
-                        with gr.Row():
-                            sweep_axis = gr.Radio(list(SWEEP_AXES), value="none", label="Second axis (rows)",
-                                                  elem_id="sweep-axis")
-                            sweep_values = gr.Textbox("1, 3, 5", label="Second axis values", elem_id="sweep-values")
-                        sweep_button = gr.Button("Sweep", variant="primary", elem_id="sweep-button")
-                        # No label over the grid: it would hide the grid's own title (seed and prompt).
-                        grid = gr.Image(label="Sweep (PNG with settings)", show_label=False, type="filepath",
-                                        format="png", interactive=False, elem_id="sweep-grid")
-                        grid_file = gr.File(label="Download the grid")
-                        sweep_info = gr.Markdown()
-
-        if rendered:  # each example with its four results, rendered ahead: clicking shows them at once
-            preview = gr.Image(first["grid"], label="Rendered ahead: vanilla · SAG · PAG · SEG, same seed",
-                               type="filepath", interactive=False, render=False, elem_id="example-preview")
-            with gr.Row(equal_height=False):
-                with gr.Column(scale=3):
-                    gr.Examples([[e["prompt"], e["negative_prompt"], e["guidance_scale"], e["seed"], e["steps"],
-                                  e["grid"]] for e in rendered],
-                                inputs=[prompt, negative_prompt, guidance_scale, seed, steps, preview],
-                                example_labels=[e["prompt"] or "(no prompt: unconditional)" for e in rendered],
-                                cache_examples=False, examples_per_page=16, elem_id="examples",
-                                label="Examples with their results (the empty prompt is unconditional generation)")
-                with gr.Column(scale=2):
-                    preview.render()
-        else:
-            gr.Examples([list(row) for row in example_rows(studio.profile.prompts, studio.profile.guidance_scale)],
-                        inputs=[prompt, negative_prompt, guidance_scale], cache_examples=False, elem_id="examples",
-                        label="Examples (the empty prompt is unconditional generation)")
-
-        with gr.Accordion("About SEG, the methods compared, and this demo", open=False, elem_id="about"):
-            gr.Markdown(ABOUT)
-            gr.Code(CITATION, label="Cite (BibTeX): SEG, and PAG and SAG if you compare with them",
-                    interactive=False)
-            gr.Markdown(LICENSE_NOTE)
-
-        # ---- events ---------------------------------------------------------------------------------
-        common = [prompt, negative_prompt, seed, randomize_seed, size, steps, guidance_scale, seg_scale, log2_sigma,
-                  infinite_sigma, applied_layers, guidance_start, guidance_end, control_type, control_image,
-                  controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_preprocess,
-                  detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands, openpose_face,
-                  control_type_2, control_image_2, controlnet_conditioning_scale_2, control_guidance_start_2,
-                  control_guidance_end_2, control_preprocess_2]
-        events = dict(concurrency_limit=1, concurrency_id="generation", api_visibility="private")
-        generated = [result, result_images, seed, result_info, control_map]
-        generate_button.click(ui_generate, common + [num_images], generated, **events)
-        prompt.submit(ui_generate, common + [num_images], generated, **events)
-        compare_button.click(ui_compare, common + [sag_scale, pag_scale, one_loop],
-                             [gallery, compare_info, compare_paths, left, right, pair, compare_files, seed,
-                              control_map], **events)
-        sweep_button.click(ui_sweep, common + [sweep_sigmas, sweep_axis, sweep_values],
-                           [grid, grid_file, sweep_info, seed, control_map], **events)
-
-        def show_pair(paths, left_label, right_label):
-            if left_label not in paths or right_label not in paths:
-                return None
-            return paths[left_label], paths[right_label]
-
-        left.change(show_pair, [compare_paths, left, right], pair, api_visibility="private")
-        right.change(show_pair, [compare_paths, left, right], pair, api_visibility="private")
-        knobs = [detect_resolution, canny_low_threshold, canny_high_threshold, openpose_hands, openpose_face]
-        for first, image, preprocess, shown in ((control_type, control_image, control_preprocess, control_map),
-                                                (control_type_2, control_image_2, control_preprocess_2, control_map_2)):
-            for trigger in (first.change, image.change, size.change, preprocess.change, *(k.change for k in knobs)):
-                trigger(ui_control_map, [first, image, size, preprocess, *knobs], shown, api_visibility="private")
-        # One σ on screen: the box and the tick agree (the slider's top is ∞).
-        log2_sigma.input(lambda v: v >= LOG2_SIGMA_MAX, log2_sigma, infinite_sigma, api_visibility="private",
-                         queue=False)
-        infinite_sigma.input(lambda inf, v: LOG2_SIGMA_MAX if inf else (LOG2_SIGMA_DEFAULT if v >= LOG2_SIGMA_MAX else v),
-                             [infinite_sigma, log2_sigma], log2_sigma, api_visibility="private", queue=False)
-        for component in (log2_sigma, infinite_sigma):
-            component.change(lambda v, inf: gr.update(label=sigma_label(v, inf)), [log2_sigma, infinite_sigma],
-                             log2_sigma, api_visibility="private", queue=False)
-        dice.click(lambda: random.randint(0, 2**32 - 1), None, seed, api_visibility="private", queue=False)
-
-        # ---- API: hidden components whose values are the defaults -------------------------------------
-        default_w, default_h = studio.size_presets[0]
-
-        def api_inputs(**overrides):
-            """Hidden inputs for an API endpoint, in the order of its function's parameters."""
-            spec = {
-                # (no precision=0: Gradio would round NaN itself and fail without a message; the studio
-                # checks these integers and names the bad value)
-                "prompt": lambda: gr.Textbox(None), "negative_prompt": lambda: gr.Textbox(""),
-                "seed": lambda: gr.Number(-1),
-                "steps": lambda: gr.Number(studio.default_steps),
-                "width": lambda: gr.Number(default_w),
-                "height": lambda: gr.Number(default_h),
-                "guidance_scale": lambda: gr.Number(studio.profile.guidance_scale),
-                "seg_scale": lambda: gr.Number(studio.profile.seg_scale),
-                "seg_blur_sigma": lambda: gr.Textbox(format_sigma(studio.profile.seg_blur_sigma)),
-                "seg_blur_sigmas": lambda: gr.Textbox("1, 4, 16, 64, inf"),
-                "second_axis": lambda: gr.Textbox("none"), "second_axis_values": lambda: gr.Textbox(""),
-                "seg_applied_layers": lambda: gr.Dropdown(["mid", "down", "up"], value=["mid"], multiselect=True,
-                                                          allow_custom_value=True),
-                "pag_scale": lambda: gr.Number(overrides.get("pag_scale", 0.0)),
-                "sag_scale": lambda: gr.Number(overrides.get("sag_scale", 0.0)),
-                "perturbation_guidance_start": lambda: gr.Number(0.0),
-                "perturbation_guidance_end": lambda: gr.Number(1.0),
-                "control_type": lambda: gr.Textbox("none"),
-                "control_image": lambda: ControlImage(max_upload_mb=limits.max_upload_mb),
-                "controlnet_conditioning_scale": lambda: gr.Number(1.0),
-                "one_loop": lambda: gr.Checkbox(False),
-                "control_guidance_start": lambda: gr.Number(0.0), "control_guidance_end": lambda: gr.Number(1.0),
-                "control_preprocess": lambda: gr.Checkbox(True),
-                "detect_resolution": lambda: gr.Number(512),
-                "canny_low_threshold": lambda: gr.Number(100), "canny_high_threshold": lambda: gr.Number(200),
-                "openpose_hands": lambda: gr.Checkbox(False), "openpose_face": lambda: gr.Checkbox(False),
-                "control_type_2": lambda: gr.Textbox("none"),
-                "control_image_2": lambda: ControlImage(max_upload_mb=limits.max_upload_mb),
-                "controlnet_conditioning_scale_2": lambda: gr.Number(1.0),
-                "control_guidance_start_2": lambda: gr.Number(0.0), "control_guidance_end_2": lambda: gr.Number(1.0),
-                "control_preprocess_2": lambda: gr.Checkbox(True),
-            }
-            names = overrides["names"]
-            return [spec[name]() for name in names]
-
-        def parameter_names(fn):
-            return [p for p in inspect.signature(fn).parameters if p != "progress"]
-
-        with gr.Group(visible=False):
-            for fn, outputs, overrides in (
-                (generate, lambda: [gr.Image(type="filepath", format="png", label="image"), gr.JSON(label="info")], {}),
-                (compare, lambda: [gr.Gallery(type="filepath", format="png", label="images"), gr.JSON(label="info")],
-                 {"pag_scale": studio.profile.pag_scale, "sag_scale": studio.profile.sag_scale}),
-                (sweep, lambda: [gr.Image(type="filepath", format="png", label="grid"), gr.JSON(label="info")], {}),
-            ):
-                inputs = api_inputs(names=parameter_names(fn), **overrides)
-                gr.Button(visible=False).click(fn, inputs, outputs(), api_name=fn.__name__,
-                                               concurrency_limit=1, concurrency_id="generation")
-
+                result_tabs(studio, inputs, shown, rendered[0] if rendered else None)
+        examples(studio, inputs, rendered)
+        about()
+        wire_requests(handlers, inputs, shown)
+        wire_page(handlers, inputs, shown)
+        api_endpoints(handlers, studio)
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     demo.studio = studio  # for tests and scripts
     public_api = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
-    guard = Middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, public_api=lambda: public_api)
-    demo.launch_options = {"max_file_size": int(limits.max_upload_mb * 2**20),  # bytes
+    guard = Middleware(RequestGuard, max_body_bytes=studio.limits.max_body_bytes, public_api=lambda: public_api)
+    demo.launch_options = {"max_file_size": int(studio.limits.max_upload_mb * 2**20),  # bytes
                            "app_kwargs": {"middleware": [guard]}}
     return demo
+
+
+def page_header(studio: Studio) -> None:
+    gr.Markdown(intro(PAPER_URL, studio.model_id))
+    banner = studio.banner
+    gr.HTML(banner_html(banner) if banner else "", visible=bool(banner), elem_id="model-banner")
+    space_id = os.environ.get("SPACE_ID")  # set on a Hugging Face Space
+    if space_id:
+        with gr.Row(equal_height=True):
+            gr.Markdown(duplicate_hint(space_id), elem_id="duplicate-hint")
+            gr.DuplicateButton(scale=0, min_width=200)
+    if max(studio.size_presets[0]) < 256:
+        gr.HTML(PIXELATED_STYLE, visible="hidden")
+    gr.HTML(PHONE_STYLE, visible="hidden")
+
+
+def settings_panel(studio: Studio, inputs: Widgets, shown: Widgets, first: dict | None) -> None:
+    """The settings every request reads (Compare's SAG and PAG scales too, in "Advanced")."""
+    defaults, chars = model_defaults(studio), studio.limits.max_prompt_chars
+    inputs.option(ALL["prompt"], first and first["prompt"], info=None, lines=2, elem_id="prompt", max_length=chars,
+                  placeholder="Leave empty for unconditional generation, as in the paper")
+    inputs.option(ALL["negative_prompt"], lines=1, elem_id="negative-prompt", max_length=chars)
+    with gr.Row():
+        inputs.option(ALL["seg_scale"], defaults["seg_scale"], elem_id="seg-scale")
+        inputs.option(ALL["guidance_scale"], defaults["guidance_scale"], elem_id="cfg-scale",
+                      info=f"{ALL['guidance_scale'].help} {defaults['guidance_scale']:g} suits this model.")
+    with gr.Row():
+        start, infinite = log2_sigma(defaults["seg_blur_sigma"]), math.isinf(defaults["seg_blur_sigma"])
+        inputs.add("log2_sigma", gr.Slider(0, LOG2_SIGMA_MAX, value=start, step=0.5, scale=3,
+                                           label=sigma_label(start, infinite), elem_id="log2-sigma"))
+        inputs.add("infinite_sigma", gr.Checkbox(value=infinite, label="infinite σ", elem_id="infinite-sigma",
+                                                 scale=1, min_width=100))
+    with gr.Row():
+        sizes = [(f"{w}×{h}", f"{w}x{h}") for w, h in studio.size_presets]
+        inputs.add("size", gr.Dropdown(sizes, value=sizes[0][1], label="Size (width × height)", elem_id="size"))
+        inputs.option(ALL["steps"], defaults["steps"], maximum=min(ALL["steps"].slider[1], studio.limits.max_steps),
+                      elem_id="steps")
+    with gr.Row(equal_height=True):
+        inputs.option(ALL["seed"], 0, info=None, precision=0, minimum=0, elem_id="seed", scale=3)
+        shown.add("dice", gr.Button("New seed", size="sm", scale=0, min_width=90, elem_id="new-seed"))
+        inputs.add("randomize_seed", gr.Checkbox(value=False, label="random seed each run", scale=2,
+                                                 elem_id="randomize-seed"))
+    with gr.Accordion("Advanced", open=False):
+        advanced(studio, inputs)
+    with gr.Accordion("ControlNet", open=False):
+        control_panel(studio, inputs, shown)
+
+
+def advanced(studio: Studio, inputs: Widgets) -> None:
+    scales = compare_defaults(studio)
+    inputs.option(ALL["seg_applied_layers"], elem_id="applied-layers")
+    with gr.Row():
+        inputs.option(ALL["perturbation_guidance_start"], elem_id="guidance-start")
+        inputs.option(ALL["perturbation_guidance_end"], elem_id="guidance-end")
+    with gr.Row():
+        inputs.option(ALL["sag_scale"], scales["sag_scale"], label="SAG scale (Compare)",
+                      info="the paper compares with 1.0", elem_id="sag-scale")
+        inputs.option(ALL["pag_scale"], scales["pag_scale"], label="PAG scale (Compare)", info=None,
+                      elem_id="pag-scale")
+
+
+def control_panel(studio: Studio, inputs: Widgets, shown: Widgets) -> None:
+    """The ControlNet panel: a control, the detectors' knobs, and a second control."""
+    choices = studio.control_types
+    # (no help under the radios: its words, 'none' among them, would sit beside the choices)
+    missing = None if "depth" in choices else "depth needs its estimator's weights (Hub), not available here"
+    inputs.option(ALL["control_type"], choices=choices, info=missing, elem_id="control-type")
+    control_images(inputs, shown, "", studio.limits.max_upload_mb)
+    examples = sorted(str(p) for p in ASSETS.glob("control_*.png"))
+    if examples:
+        gr.Examples(examples, inputs=[inputs["control_image"]], label="Example control images",
+                    elem_id="control-examples")
+    control_strength(inputs, "")
+    with gr.Row():
+        for name, elem_id in (("detect_resolution", "detect-resolution"), ("canny_low_threshold", "canny-low"),
+                              ("canny_high_threshold", "canny-high")):
+            inputs.option(ALL[name], elem_id=elem_id)
+    with gr.Row():
+        inputs.option(ALL["openpose_hands"], elem_id="openpose-hands")
+        inputs.option(ALL["openpose_face"], elem_id="openpose-face")
+    with gr.Accordion("Second control (read with the first by the union ControlNet)", open=False,
+                      elem_id="second-control"):
+        inputs.option(ALL["control_type_2"], choices=choices, info=None, elem_id="control-type-2")
+        control_images(inputs, shown, "_2", studio.limits.max_upload_mb)
+        control_strength(inputs, "_2")
+
+
+def control_images(inputs: Widgets, shown: Widgets, suffix: str, max_upload_mb: float) -> None:
+    """A control's image and, beside it, the map the ControlNet sees."""
+    second, dash = ("Second control", "-2") if suffix else ("Control", "")
+    with gr.Row():
+        inputs.add(f"control_image{suffix}", ControlImage(
+            label=f"{second} image", sources=["upload", "clipboard"], height=200, elem_id=f"control-image{dash}",
+            max_upload_mb=max_upload_mb))
+        shown.add(f"control_map{suffix}", gr.Image(
+            label=f"{second} map" + ("" if suffix else " (what the ControlNet sees)"), interactive=False, height=200,
+            format="png", elem_id=f"control-map{dash}"))
+
+
+def control_strength(inputs: Widgets, suffix: str) -> None:
+    """A control's scale, window and whether its image is detected or already a map."""
+    dash = "-2" if suffix else ""
+    inputs.option(ALL[f"controlnet_conditioning_scale{suffix}"], elem_id=f"controlnet-scale{dash}")
+    with gr.Row():
+        inputs.option(ALL[f"control_guidance_start{suffix}"], elem_id=f"control-start{dash}")
+        inputs.option(ALL[f"control_guidance_end{suffix}"], elem_id=f"control-end{dash}")
+    inputs.option(ALL[f"control_preprocess{suffix}"], elem_id=f"control-preprocess{dash}")
+
+
+def result_tabs(studio: Studio, inputs: Widgets, shown: Widgets, first: dict | None) -> None:
+    with gr.Tabs():
+        with gr.Tab("Generate", id="generate"):
+            generate_tab(studio, inputs, shown, first)
+        with gr.Tab("Compare", id="compare"):
+            compare_tab(studio, inputs, shown, first)
+        with gr.Tab("Sweep", id="sweep"):
+            sweep_tab(inputs, shown)
+
+
+def generate_tab(studio: Studio, inputs: Widgets, shown: Widgets, first: dict | None) -> None:
+    shown.add("generate_button", gr.Button("Generate", variant="primary", elem_id="generate-button"))
+    shown.add("result", gr.Image(first and first["images"][-1][0], label="Result (PNG with settings)",
+                                 type="filepath", format="png", interactive=False, height=512, elem_id="result"))
+    shown.add("result_info", gr.Markdown(first and rendered_note(first), elem_id="result-info"))
+    shown.add("result_images", gr.Gallery(label="All images of the request", columns=4, type="filepath",
+                                          format="png", object_fit="contain", height=230, visible=False,
+                                          elem_id="result-images"))
+    inputs.add("num_images", gr.Slider(1, max(2, studio.max_images), value=1, step=1, elem_id="num-images",
+                                       label="Images per request (seeds seed, seed + 1, ...)",
+                                       visible=studio.max_images > 1))
+
+
+def compare_tab(studio: Studio, inputs: Widgets, shown: Widgets, first: dict | None) -> None:
+    shown.add("compare_button", gr.Button(f"Compare {studio.vanilla_label.lower()} · SAG · PAG · SEG",
+                                          variant="primary", elem_id="compare-button"))
+    inputs.option(ALL["one_loop"], studio.pipeline().device.type == "cuda", info=None, elem_id="one-loop")
+    shown.add("gallery", gr.Gallery(first and first["images"], label="Same seed, same settings", columns=4, rows=1,
+                                    type="filepath", format="png", object_fit="contain", height=230,
+                                    elem_id="compare-gallery"))
+    shown.add("compare_info", gr.Markdown(first and rendered_note(first), elem_id="compare-info"))
+    shown.add("compare_paths", gr.State({}))
+    with gr.Row():
+        shown.add("left", gr.Dropdown([], label="Left", elem_id="slider-left"))
+        shown.add("right", gr.Dropdown([], label="Right", elem_id="slider-right"))
+    shown.add("pair", gr.ImageSlider(label="Drag to compare the pair", type="filepath", format="png",
+                                     elem_id="compare-slider"))
+    shown.add("compare_files", gr.File(label="PNG files with settings", file_count="multiple"))
+
+
+def sweep_tab(inputs: Widgets, shown: Widgets) -> None:
+    inputs.option(ALL["seg_blur_sigmas"], elem_id="sweep-sigmas")
+    with gr.Row():
+        axes = [("none", "none"), *((ALL[axis].label, axis) for axis in SWEEP_AXES)]
+        inputs.option(ALL["second_axis"], choices=axes, info=None, elem_id="sweep-axis")
+        inputs.option(ALL["second_axis_values"], "1, 3, 5", info=None, elem_id="sweep-values")
+    shown.add("sweep_button", gr.Button("Sweep", variant="primary", elem_id="sweep-button"))
+    # No label over the grid: it would hide the grid's own title (seed and prompt).
+    shown.add("grid", gr.Image(label="Sweep (PNG with settings)", show_label=False, type="filepath", format="png",
+                               interactive=False, elem_id="sweep-grid"))
+    shown.add("grid_file", gr.File(label="Download the grid"))
+    shown.add("sweep_info", gr.Markdown())
+
+
+def examples(studio: Studio, inputs: Widgets, rendered: list[dict]) -> None:
+    """The model's example prompts; each with its four results, rendered ahead, where they ship."""
+    if not rendered:
+        gr.Examples([list(row) for row in example_rows(studio.profile.prompts, studio.profile.guidance_scale)],
+                    inputs=inputs("prompt", "negative_prompt", "guidance_scale"), cache_examples=False,
+                    elem_id="examples", label="Examples (the empty prompt is unconditional generation)")
+        return
+    preview = gr.Image(rendered[0]["grid"], label="Rendered ahead: vanilla · SAG · PAG · SEG, same seed",
+                       type="filepath", interactive=False, render=False, elem_id="example-preview")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            gr.Examples([[e["prompt"], e["negative_prompt"], e["guidance_scale"], e["seed"], e["steps"], e["grid"]]
+                         for e in rendered],
+                        inputs=[*inputs("prompt", "negative_prompt", "guidance_scale", "seed", "steps"), preview],
+                        example_labels=[e["prompt"] or "(no prompt: unconditional)" for e in rendered],
+                        cache_examples=False, examples_per_page=16, elem_id="examples",
+                        label="Examples with their results (the empty prompt is unconditional generation)")
+        with gr.Column(scale=2):
+            preview.render()
+
+
+def about() -> None:
+    with gr.Accordion("About SEG, the methods compared, and this demo", open=False, elem_id="about"):
+        gr.Markdown(ABOUT)
+        gr.Code(CITATION, label="Cite (BibTeX): SEG, and PAG and SAG if you compare with them", interactive=False)
+        gr.Markdown(LICENSE_NOTE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------------
+
+
+def wire_requests(handlers: Handlers, inputs: Widgets, shown: Widgets) -> None:
+    """Generate, Compare and Sweep: each reads the settings panel and its own inputs (UI_EXTRAS)."""
+    extras = {name for names in UI_EXTRAS.values() for name in names}
+    panel = [name for name in inputs if name not in extras]
+    every = Widgets({**inputs, **shown})
+    outputs = {
+        "generate": ("result", "result_images", "seed", "result_info", "control_map"),
+        "compare": ("gallery", "compare_info", "compare_paths", "left", "right", "pair", "compare_files", "seed",
+                    "control_map"),
+        "sweep": ("grid", "grid_file", "sweep_info", "seed", "control_map"),
+    }
+    triggers = {"generate": (shown["generate_button"].click, inputs["prompt"].submit),
+                "compare": (shown["compare_button"].click,), "sweep": (shown["sweep_button"].click,)}
+    for kind, names in UI_EXTRAS.items():
+        handler = bind(getattr(handlers, f"ui_{kind}"), [*panel, *names])
+        for trigger in triggers[kind]:
+            trigger(handler, inputs(*panel, *names), every(*outputs[kind]), concurrency_limit=1,
+                    concurrency_id="generation", api_visibility="private")
+
+
+def wire_page(handlers: Handlers, inputs: Widgets, shown: Widgets) -> None:
+    """What changes on the page alone: the control maps, the pair slider, one σ on screen, a new seed."""
+    control_map = bind(handlers.ui_control_map, CONTROL_MAP_INPUTS)
+    for suffix in ("", "_2"):
+        names = [name + suffix if name in PER_CONTROL else name for name in CONTROL_MAP_INPUTS]
+        for widget in inputs(*names):
+            widget.change(control_map, inputs(*names), shown[f"control_map{suffix}"], api_visibility="private")
+    pair = shown("compare_paths", "left", "right")
+    for dropdown in shown("left", "right"):
+        dropdown.change(show_pair, pair, shown["pair"], api_visibility="private")
+    # One σ on screen: the box and the tick agree (the slider's top is ∞).
+    log2, infinite = inputs("log2_sigma", "infinite_sigma")
+    private = dict(api_visibility="private", queue=False)
+    log2.input(infinite_ticked, log2, infinite, **private)
+    infinite.input(slider_after_tick, [infinite, log2], log2, **private)
+    for component in (log2, infinite):
+        component.change(lambda v, inf: gr.update(label=sigma_label(v, inf)), [log2, infinite], log2, **private)
+    shown["dice"].click(lambda: random.randint(0, MAX_SEED), None, inputs["seed"], **private)
+
+
+def api_endpoints(handlers: Handlers, studio: Studio) -> None:
+    """/generate, /compare and /sweep: hidden inputs whose values are the parameters' defaults."""
+    with gr.Group(visible=False):
+        for name, parameters in ENDPOINTS.items():
+            defaults = api_defaults(studio, name)
+            hidden = [api_widget(ALL.get(p), defaults.get(p), studio.limits.max_upload_mb) for p in parameters]
+            gr.Button(visible=False).click(bind(getattr(handlers, name), parameters, required=("prompt",)), hidden,
+                                           API_OUTPUTS[name](), api_name=name, concurrency_limit=1,
+                                           concurrency_id="generation")
 
 
 def main(argv: list[str] | None = None) -> None:

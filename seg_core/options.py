@@ -316,3 +316,25 @@ OPTIONS = {**REQUEST, **GUIDANCE, **CONTROL, **DETECTION, **second_control_optio
 
 def defaults(options: dict[str, Option]) -> dict[str, Any]:
     return {name: option.default for name, option in options.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Added by engineer C (issue 12, the app): what a Compare or Sweep request sets besides its Settings
+# (the /compare and /sweep API parameters and their widgets; Studio.compare and Studio.sweep read them)
+# --------------------------------------------------------------------------------------------------
+
+#: The settings a sweep's rows may vary (Studio.sweep), besides "none" (one row).
+SWEEP_AXES = ("seg_scale", "guidance_scale")
+
+COMPARE_AND_SWEEP = _options(
+    Option("one_loop", False, "Compare: all four methods in one denoising loop with batched UNet calls (the same "
+           "images up to float rounding; faster on a GPU; one time for all four).", kind="flag",
+           label="All four in one loop (faster on a GPU, one time for all four; the same images up to float "
+                 "rounding: a pixel may differ by 1/255)"),
+    Option("seg_blur_sigmas", "1, 4, 16, 64, inf", "Sweep: the blur σ of each column, comma-separated; inf: "
+           "infinite.", kind="text", label="Blur σ values (columns)"),
+    Option("second_axis", "none", "Sweep: the setting each row varies, 'seg_scale' or 'guidance_scale'; 'none': "
+           "one row.", kind="choice", choices=("none", *SWEEP_AXES), label="Second axis (rows)"),
+    Option("second_axis_values", "", "Sweep: the second axis' values, comma-separated (e.g. 1, 3, 5).", kind="text",
+           label="Second axis values"),
+)

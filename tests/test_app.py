@@ -41,6 +41,29 @@ def test_api_has_named_endpoints_with_library_argument_names(client):
     assert set(params) - set(optional) == {"prompt"}
 
 
+def test_every_input_of_every_request_reaches_the_studio():
+    """Each handler's inputs are named (its signature, built from the registry), and each name is one the
+    studio reads: a Settings field, a control image, a Compare or Sweep option, the number of images, or one
+    of the page's widgets that Handlers.settings converts. A renamed input fails here instead of being
+    silently dropped."""
+    import inspect
+
+    from app import ENDPOINTS, SETTINGS_FIELDS, UI_EXTRAS
+    from seg_core.options import COMPARE_AND_SWEEP
+
+    demo, _ = running_demo()
+    converted = {"size", "log2_sigma", "infinite_sigma", "randomize_seed"}
+    known = SETTINGS_FIELDS | {"control_image", "control_image_2", "num_images"} | set(COMPARE_AND_SWEEP) | converted
+    handlers = {fn.fn.__name__: fn for fn in demo.fns.values()
+                if getattr(fn.fn, "__name__", None) in {*ENDPOINTS, *(f"ui_{kind}" for kind in UI_EXTRAS)}}
+    assert set(handlers) == {"generate", "compare", "sweep", "ui_generate", "ui_compare", "ui_sweep"}
+    for name, fn in handlers.items():
+        parameters = [p for p in inspect.signature(fn.fn).parameters if p != "progress"]
+        assert len(parameters) == len(fn.inputs) and set(parameters) <= known, (name, set(parameters) - known)
+        if name in ENDPOINTS:
+            assert tuple(parameters) == ENDPOINTS[name]
+
+
 def test_generate_writes_settings_into_the_png_and_is_reproducible(client):
     path, info = client.predict(prompt="a jellyfish playing the drums", seed=7, steps=STEPS, api_name="/generate")
     settings = read_png_settings(path)

@@ -559,7 +559,7 @@ READABLE_REFUSALS = [
      "depth needs its estimator's weights"),
     ("compare", dict(sag_scale="x"), "sag_scale must be a finite number in [0, 100], got 'x'"),
     ("compare", dict(one_loop="yes"), "one_loop must be true or false, got 'yes'"),
-    ("sweep", dict(second_axis=5), "second_axis must be 'none', 'seg_scale' or 'guidance_scale', got '5'"),
+    ("sweep", dict(second_axis=5), "'none', 'seg_scale' or 'guidance_scale', got '5'"),  # Studio.sweep's words
     ("sweep", dict(seg_blur_sigmas="1, abc"), "bad value 'abc'"),
 ]
 
