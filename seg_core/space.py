@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .embedded import ASSETS_DIR
+from .models import ASSETS_DIR
 
 PAPER_URL = "https://arxiv.org/abs/2408.00760"
 EXAMPLES_DIR = ASSETS_DIR / "examples"

@@ -36,12 +36,13 @@ from .attention import resolve_layers
 from .compare import side_by_side
 from .methods import check_interval, check_scale
 from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
-from . import embedded
 from .limits import Geometry, ModelLimits
-from .zerogpu import GPU, GPUCost, Work, evaluations_per_step, gpu_duration  # noqa: F401 (GPU re-exported)
+from .zerogpu import GPU, Work, evaluations_per_step, gpu_duration  # noqa: F401 (GPU re-exported)
 from . import control as controls
 from .control import RANDOM_WEIGHTS, Detection, load_detector
-from .presets import (DEPTH_ESTIMATOR, MODELS, OFFLINE_MODELS, UNION, control_arguments, controlnet_choice,
+from . import models
+from .models import DEFAULT_FALLBACK, PROFILES, SDXL, ModelProfile  # noqa: F401 (re-exported)
+from .presets import (DEPTH_ESTIMATOR, UNION, control_arguments, controlnet_choice,
                       load_depth_estimator, load_pipeline, with_controlnet)
 
 logger = logging.getLogger(__name__)
@@ -55,66 +56,7 @@ CONTROL_TYPES = ("none", *controls.CONTROL_TYPES)
 PNG_SETTINGS_KEY = "seg_settings"  # JSON of Settings, in a PNG text chunk
 PNG_PARAMETERS_KEY = "parameters"  # the same, readable (the key other SD tools use)
 
-#: SDXL's training buckets (width, height): the square one, then landscape / portrait pairs.
-SDXL_SIZES = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
-              (1344, 768), (768, 1344), (1536, 640), (640, 1536)]
-#: The same aspect ratios, roughly, at the tiny model's scale (multiples of 8).
-TINY_SIZES = [(64, 64), (72, 56), (56, 72), (80, 48), (48, 80), (96, 40), (40, 96)]
-
-#: Where a requested model cannot be loaded: the embedded trained model, else the tiny random one.
-DEFAULT_FALLBACK = "embedded" if (embedded.EMBEDDED_DIR / "model_index.json").is_file() else "tiny"
-
-TINY_BANNER = (
-    "**`tiny` model:** random weights in SDXL's architecture, built in code. It runs offline on a CPU in a "
-    "fraction of a second and draws noise, not pictures: use it to try every control of this demo, "
-    "not to judge image quality."
-)
-EMBEDDED_BANNER = (
-    f"**`embedded` model:** {embedded.DESCRIPTION.removeprefix('Embedded model: ')} It runs offline on a CPU; "
-    "its ControlNets are untrained "
-    "(random), so they only show that the controls work."
-)
-
-
-# What one UNet evaluation costs, measured (the basis of ZeroGPU durations, seg_core.zerogpu).
-SDXL_COST = GPUCost(
-    unet_seconds=0.087, reference_pixels=1024 * 1024, image_seconds=0.5,
-    measured="fp16 SDXL UNet at 1024x1024, batch 1, NVIDIA H200: 62-87 ms per call of one row (the slowest of "
-             "bench/results/h200_1024_*batch1*.log; launch-bound, so 768x768 costs the same); per image an "
-             "allowance for the VAE decode and the PNG, not measured")
-SMALL_COST = GPUCost(  # the embedded and tiny models: a CPU figure, an upper bound for any GPU
-    unet_seconds=0.07, reference_pixels=64 * 64, image_seconds=0.05,
-    measured="one CPU thread of a 2-core x86 box: tiny 54-69 ms, embedded 12-15 ms per evaluation")
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    """What the demo shows for a model: its size menu (the sizes it was trained at), default steps and
-    guidance (CFG; SEG scale and σ; the SAG and PAG scales of Compare; SDXL's: the authors' SEG and PAG
-    3.0, σ ∞, SAG 1.0), example prompts (None: the demo's own) and banner; and what it costs on a GPU."""
-
-    sizes: list
-    steps: int
-    guidance_scale: float = 1.0
-    prompts: tuple | None = None
-    banner: str | None = None
-    seg_scale: float = 3.0  # the authors' defaults
-    seg_blur_sigma: float = math.inf
-    pag_scale: float = 3.0
-    sag_scale: float = 1.0
-    gpu_cost: GPUCost = SDXL_COST
-
-
-PROFILES = {
-    "tiny": ModelProfile(TINY_SIZES, 8, banner=TINY_BANNER, gpu_cost=SMALL_COST),
-    # It follows prompts only with CFG (README: The embedded model); it was trained at one size; its
-    # scales come from the scale sweep (README: Scales as curves).
-    "embedded": ModelProfile([(embedded.SIZE, embedded.SIZE)], embedded.DEFAULT_STEPS,
-                             guidance_scale=embedded.GUIDANCE_SCALE, prompts=embedded.EXAMPLE_PROMPTS,
-                             banner=EMBEDDED_BANNER, gpu_cost=SMALL_COST, seg_scale=embedded.SEG_SCALE,
-                             pag_scale=embedded.PAG_SCALE, sag_scale=embedded.SAG_SCALE),
-}
-SDXL_PROFILE = ModelProfile(SDXL_SIZES, 25)
+SDXL_PROFILE = SDXL
 
 
 # --------------------------------------------------------------------------------------------------
@@ -653,14 +595,12 @@ class Studio:
 
     @property
     def profile(self) -> ModelProfile:
-        return PROFILES.get(self.model, SDXL_PROFILE)
+        return models.profile(self.model)
 
     @property
     def model_id(self) -> str:
         """The model as written into PNG metadata (the Hub id for named models)."""
-        if self.model in OFFLINE_MODELS:  # shipped with this repository: the name says it all
-            return self.model
-        return MODELS.get(self.model) or self.model
+        return models.model_id(self.model)
 
     @property
     def banner(self) -> str | None:
@@ -707,7 +647,7 @@ class Studio:
     @property
     def vanilla_label(self) -> str:
         """"Vanilla SDXL" on SDXL models; the small offline models are SDXL's architecture, not SDXL."""
-        return "Vanilla" if self.model in OFFLINE_MODELS else "Vanilla SDXL"
+        return models.profile(self.model).vanilla_label
 
     @property
     def default_steps(self) -> int:
@@ -737,7 +677,7 @@ class Studio:
     def detector_weights(self) -> str | None:
         """Where the learned detectors' weights come from: the Hub (or its cache), or, on the small offline
         models (which get random ControlNets too), seeded random weights."""
-        return RANDOM_WEIGHTS if self.model in OFFLINE_MODELS else None
+        return RANDOM_WEIGHTS if models.is_offline(self.model) else None
 
     def preload(self) -> "Studio":
         """Load (and move to the device) every model a request can use, ControlNets and the depth estimator
@@ -777,7 +717,7 @@ class Studio:
         else:
             # Share the base pipeline's components: a second SDXL copy would double the memory.
             pipe = with_controlnet(self._pipes["none"], UNION if key == "union" else key,
-                                   random_controlnet=self.model in OFFLINE_MODELS)
+                                   random_controlnet=models.is_offline(self.model))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -903,7 +843,7 @@ class Studio:
     def max_images(self) -> int:
         """Images one Generate request may ask for: ``limits.max_images``, but one for SDXL-sized models on a
         CPU (minutes per step)."""
-        if self.pipeline().device.type == "cpu" and self.model not in OFFLINE_MODELS:
+        if self.pipeline().device.type == "cpu" and not models.is_offline(self.model):
             return 1
         return self.limits.max_images
 
