@@ -1,519 +1,44 @@
-"""The generation service behind the demo: one request = one seed, run as generate, compare or sweep.
-
-Everything here is independent of the UI: loading (with a fallback to the offline ``tiny`` model),
-one generation at a time per model, progress over all denoising steps of a request, counting UNet
-evaluations, timing, labelled sweep grids, and PNG files that carry their full settings.
-"""
+"""The generation service: one model loaded once, one request at a time on it, run as generate, compare
+or sweep."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import io
-import json
 import logging
 import math
 import os
-import random
-import re
-import struct
 import tempfile
 import threading
 import time
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
-from PIL.PngImagePlugin import PngInfo
+from PIL import Image, ImageOps
 
-from .blur import INFINITE_SIGMA_THRESHOLD
-from .attention import resolve_layers
-from .compare import side_by_side
-from .methods import check_interval, check_scale
-from .pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
-from .limits import Geometry, ModelLimits
-from .zerogpu import GPU, Work, evaluations_per_step, gpu_duration  # noqa: F401 (GPU re-exported)
-from . import control as controls
-from .control import RANDOM_WEIGHTS, Detection, load_detector
-from . import models
-from .models import DEFAULT_FALLBACK, PROFILES, SDXL, ModelProfile  # noqa: F401 (re-exported)
-from .presets import (DEPTH_ESTIMATOR, UNION, control_arguments, controlnet_choice,
-                      load_depth_estimator, load_pipeline, with_controlnet)
+from .. import control as controls
+from .. import models
+from ..attention import resolve_layers
+from ..compare import side_by_side
+from ..control import RANDOM_WEIGHTS, Detection, load_detector
+from ..limits import Geometry, Limits, ModelLimits
+from ..methods import check_interval, check_scale
+from ..models import DEFAULT_FALLBACK, ModelProfile
+from ..pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
+from ..presets import (DEPTH_ESTIMATOR, UNION, controlnet_choice, load_depth_estimator, load_pipeline,
+                       with_controlnet)
+from ..zerogpu import Work, evaluations_per_step, gpu_duration
+from .grids import labelled_grid
+from .images import load_control_image
+from .runs import (OutOfMemory, Progress, Run, StepCounter, Sweep, UNetCounter,
+                   release_memory, stamp_control)
+from .settings import MAX_SEED, Settings, format_sigma, parse_layers, parse_sigma, png_info, resolve_seed
 
 logger = logging.getLogger(__name__)
 
-#: ``progress(done_steps, total_steps, description)``, called after every denoising step of a request.
-Progress = Callable[[int, int, str], None]
-
-MAX_SEED = 2**32 - 1
 MAX_SWEEP_RUNS = 64
 CONTROL_TYPES = ("none", *controls.CONTROL_TYPES)
-PNG_SETTINGS_KEY = "seg_settings"  # JSON of Settings, in a PNG text chunk
-PNG_PARAMETERS_KEY = "parameters"  # the same, readable (the key other SD tools use)
-
-SDXL_PROFILE = SDXL
-
-
-# --------------------------------------------------------------------------------------------------
-# Limits: what a public server accepts
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; the operator sets these (app.py flags). Defaults suit a shared GPU."""
-
-    max_pixels: int = 2048 * 2048  # width x height of one image
-    max_steps: int = 150  # denoising steps of one image
-    max_prompt_chars: int = 1000  # per prompt (CLIP reads the first 77 tokens anyway)
-    max_upload_mb: float = 10.0  # control image file size
-    max_image_side: int = 4096  # control image sides after decoding (and at most max_image_side^2 pixels)
-    max_sweep_images: int = 64  # images in one sweep
-    max_layer_names: int = 32  # entries in seg_applied_layers
-    max_body_mb: float | None = None  # one HTTP request body; None: room for a base64 upload at the limit
-    memory_budget_gb: float = 8.0  # one request's activations (weights not counted); see seg_core.limits
-    max_images: int = 4  # images of one Generate request (seeds seed, seed + 1, ...), where the device allows
-
-    def __post_init__(self):
-        for name in ("max_pixels", "max_steps", "max_prompt_chars", "max_image_side", "max_sweep_images",
-                     "max_layer_names", "max_images"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.max_upload_mb, (int, float)) and math.isfinite(self.max_upload_mb)
-                and self.max_upload_mb > 0):
-            raise ValueError(f"max_upload_mb must be a positive number, got {self.max_upload_mb!r}")
-        if not (isinstance(self.memory_budget_gb, (int, float)) and 0 < self.memory_budget_gb < math.inf):
-            raise ValueError(f"memory_budget_gb must be a positive number, got {self.memory_budget_gb!r}")
-        if self.max_body_mb is not None and not (isinstance(self.max_body_mb, (int, float))
-                                                 and self.max_upload_mb < self.max_body_mb < math.inf):
-            raise ValueError(f"max_body_mb must be a number above max_upload_mb ({self.max_upload_mb:g}), "
-                             f"got {self.max_body_mb!r}")
-        if self.max_pixels < 64:
-            raise ValueError(f"max_pixels must be at least 64 (8x8), got {self.max_pixels}")
-        if self.max_steps > 1000:
-            raise ValueError(f"max_steps must be at most 1000 (the pipeline's limit), got {self.max_steps}")
-        if self.max_image_side < 8:
-            raise ValueError(f"max_image_side must be at least 8, got {self.max_image_side}")
-
-
-    @property
-    def max_body_bytes(self) -> int:
-        """The request body limit: ``max_body_mb``, or an upload at the limit as a base64 data URL + 2 MB."""
-        mb = self.max_body_mb if self.max_body_mb is not None else self.max_upload_mb * 4 / 3 + 2
-        return int(mb * 2**20)
-
-
-MIN_IMAGE_SIDE = 8  # pixels: a smaller control image carries nothing to fit to the output size
-
-
-class GenerationCancelled(Exception):
-    """The request was cancelled (its client went away); its work stopped at the next denoising step."""
-
-
-class OutOfMemory(RuntimeError):
-    """The device ran out of memory during a request; the model was left clean."""
-
-
-def load_control_image(source, limits: Limits = Limits()) -> Image.Image:
-    """An RGB control image from a PIL image, a file path or bytes, decoded defensively.
-
-    Refuses what is not an image, a file over ``limits.max_upload_mb``, sides under 8 or over
-    ``limits.max_image_side`` pixels (checked from the header, before decoding: no decompression bombs).
-    Converts grayscale, 16-bit, float, palette, CMYK and transparent images to 8-bit RGB (transparent
-    pixels on white) and applies the EXIF orientation.
-    """
-    if isinstance(source, Image.Image):
-        return _to_rgb(_checked_size(source, limits))
-    if isinstance(source, (bytes, bytearray)):
-        size, opener = len(source), lambda: io.BytesIO(source)
-    elif isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            raise ValueError("control_image could not be read (no such uploaded file)") from None
-        opener = lambda: path  # noqa: E731
-    else:
-        raise ValueError(f"control_image must be an image file, got {type(source).__name__}")
-    if size > limits.max_upload_mb * 2**20:
-        raise ValueError(f"control_image must be at most {limits.max_upload_mb:g} MB, got {size / 2**20:.1f} MB")
-    if size == 0:
-        raise ValueError("control_image is an empty file, not an image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(opener()) as image:
-                _checked_size(image, limits)  # from the header, before any pixel is decoded
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return _to_rgb(image)
-    except ValueError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ValueError(f"control_image is not a readable image (PNG, JPEG, WebP, ...): "
-                         f"{type(error).__name__}") from None
-    except (OSError, SyntaxError, EOFError, struct.error, MemoryError) as error:
-        raise ValueError(f"control_image is corrupt or truncated ({type(error).__name__})") from None
-
-
-def _checked_size(image: Image.Image, limits: Limits) -> Image.Image:
-    width, height = image.size
-    if min(width, height) < MIN_IMAGE_SIDE or max(width, height) > limits.max_image_side:
-        raise ValueError(f"control_image sides must be in [{MIN_IMAGE_SIDE}, {limits.max_image_side}] pixels, "
-                         f"got {width}x{height}")
-    return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16-bit and float data rescaled (not clipped), transparency flattened onto white."""
-    mode = image.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        if mode.startswith("I;16"):
-            array = array / 257.0
-        elif mode == "I" and 0 <= array.min() and array.max() <= 65535:
-            array = array / (257.0 if array.max() > 255 else 1.0)
-        else:  # floats or 32-bit integers: stretch what is there
-            low, high = float(np.nanmin(array)), float(np.nanmax(array))
-            array = (np.nan_to_num(array, nan=low) - low) / max(high - low, 1e-12) * 255.0
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", image.size, "white")
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings: everything needed to reproduce one image
-# --------------------------------------------------------------------------------------------------
-
-
-def parse_sigma(value) -> float:
-    """A blur sigma from a number or a string; "inf", "infinite", "∞" and anything > 9999 mean infinite."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("inf", "+inf", "infinite", "infinity", "∞"):
-            return math.inf
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"seg_blur_sigma must be a number >= 0 or 'inf', got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ValueError(f"seg_blur_sigma must be a number >= 0 or 'inf', got {value!r}")
-    return math.inf if value > INFINITE_SIGMA_THRESHOLD else float(value)
-
-
-def format_sigma(sigma: float) -> str:
-    return "inf" if math.isinf(sigma) else f"{sigma:g}"
-
-
-def parse_values(text, name: str, parse=float) -> list:
-    """A list from "1, 4, 16, inf" (brackets and quotes ignored); ValueError naming the bad item."""
-    if isinstance(text, (list, tuple)):
-        items = [str(item) for item in text]
-    else:
-        items = re.sub(r"[\[\]'\"]", " ", str(text or "")).replace(";", ",").split(",")
-    items = [item.strip() for item in items if item.strip()]
-    if not items:
-        raise ValueError(f"{name} must list at least one value, got {text!r}")
-    values = []
-    for item in items:
-        try:
-            values.append(parse(item))
-        except ValueError as error:
-            raise ValueError(f"{name}: bad value {item!r} ({error})") from None
-    return values
-
-
-def parse_layers(value) -> list[str]:
-    """Applied layers from a list or a comma-separated string ("mid", "down, up", "m0, u1")."""
-    layers = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
-    layers = [str(layer).strip() for layer in layers if str(layer).strip()]
-    if not layers:
-        raise ValueError("seg_applied_layers must name at least one layer, e.g. ['mid'], got an empty list")
-    return layers
-
-
-def resolve_seed(seed) -> int:
-    """The seed to use: a random one for None or -1."""
-    if isinstance(seed, float) and not math.isfinite(seed):
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
-    if seed is None or (isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed == -1):
-        return random.randint(0, MAX_SEED)
-    if (isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed) or seed < 0
-            or seed > MAX_SEED):
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
-    return int(seed)
-
-
-@dataclass
-class Settings:
-    """One generation's settings, named as the pipeline's arguments."""
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 25
-    width: int = 1024
-    height: int = 1024
-    guidance_scale: float = 1.0
-    seg_scale: float = 3.0
-    seg_blur_sigma: float = math.inf
-    seg_applied_layers: list[str] = field(default_factory=lambda: ["mid"])
-    pag_scale: float = 0.0
-    sag_scale: float = 0.0
-    perturbation_guidance_start: float = 0.0
-    perturbation_guidance_end: float = 1.0
-    control_type: str = "none"
-    controlnet_conditioning_scale: float = 1.0
-    control_guidance_start: float = 0.0
-    control_guidance_end: float = 1.0
-    control_preprocess: bool = True  # False: the control image is already a control map
-    # The detectors' knobs (seg_core.control.Detection), for both controls.
-    detect_resolution: int = 512
-    canny_low_threshold: int = 100
-    canny_high_threshold: int = 200
-    openpose_hands: bool = False
-    openpose_face: bool = False
-    # A second control (read with the first by the union model, one mode each).
-    control_type_2: str = "none"
-    controlnet_conditioning_scale_2: float = 1.0
-    control_guidance_start_2: float = 0.0
-    control_guidance_end_2: float = 1.0
-    control_preprocess_2: bool = True
-    model: str = ""
-    control_image_sha256: str | None = None
-
-    @property
-    def control_types(self) -> tuple[str, ...]:
-        """The request's control types: (), one, or two."""
-        return tuple(t for t in (self.control_type, self.control_type_2) if t != "none")
-
-    def detection(self, second: bool = False) -> Detection:
-        """How to make the first (or second) control's map."""
-        return Detection(preprocess=self.control_preprocess_2 if second else self.control_preprocess,
-                         detect_resolution=self.detect_resolution, low_threshold=self.canny_low_threshold,
-                         high_threshold=self.canny_high_threshold, hands=self.openpose_hands, face=self.openpose_face)
-
-    @property
-    def method(self) -> str:
-        """"vanilla", or the active guidance terms ("SEG", "PAG", "SAG", "SEG+PAG", ...)."""
-        active = [name for name, scale in (("SEG", self.seg_scale), ("PAG", self.pag_scale), ("SAG", self.sag_scale))
-                  if scale > 0]
-        return "+".join(active) or "vanilla"
-
-    def pipeline_kwargs(self) -> dict:
-        """The keyword arguments of StableDiffusionXLSEGPipeline.__call__ (without image / generator)."""
-        kwargs = dict(
-            prompt=self.prompt, negative_prompt=self.negative_prompt or None, height=self.height,
-            width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-            seg_scale=self.seg_scale, seg_blur_sigma=self.seg_blur_sigma,
-            seg_applied_layers=list(self.seg_applied_layers), pag_scale=self.pag_scale,
-            pag_applied_layers=list(self.seg_applied_layers), sag_scale=self.sag_scale,
-            perturbation_guidance_start=self.perturbation_guidance_start,
-            perturbation_guidance_end=self.perturbation_guidance_end,
-        )
-        if self.control_types:
-            n = len(self.control_types)
-            kwargs.update(control_arguments(
-                self.control_types, [self.controlnet_conditioning_scale, self.controlnet_conditioning_scale_2][:n],
-                [self.control_guidance_start, self.control_guidance_start_2][:n],
-                [self.control_guidance_end, self.control_guidance_end_2][:n]))
-        return kwargs
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["seg_blur_sigma"] = format_sigma(self.seg_blur_sigma)  # JSON has no infinity
-        data["method"] = self.method
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Settings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if "seg_blur_sigma" in values:
-            values["seg_blur_sigma"] = parse_sigma(values["seg_blur_sigma"])
-        return cls(**values)
-
-    def describe(self) -> str:
-        """The settings as readable lines (the PNG "parameters" text)."""
-        lines = [self.prompt or "(no prompt: unconditional)"]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
-        parts = [f"Method: {self.method}", f"Seed: {self.seed}", f"Steps: {self.steps}",
-                 f"Size: {self.width}x{self.height}", f"CFG scale: {self.guidance_scale:g}",
-                 f"SEG scale: {self.seg_scale:g}", f"SEG blur sigma: {format_sigma(self.seg_blur_sigma)}",
-                 f"Layers: {', '.join(self.seg_applied_layers)}", f"PAG scale: {self.pag_scale:g}",
-                 f"SAG scale: {self.sag_scale:g}",
-                 f"Guidance interval: {self.perturbation_guidance_start:g}-{self.perturbation_guidance_end:g}"]
-        if self.control_type != "none":
-            parts.append(f"ControlNet: {self.control_type} x{self.controlnet_conditioning_scale:g}")
-        if self.control_type_2 != "none":
-            parts.append(f"ControlNet 2: {self.control_type_2} x{self.controlnet_conditioning_scale_2:g}")
-        parts.append(f"Model: {self.model}")
-        lines.append(", ".join(parts))
-        return "\n".join(lines)
-
-
-def png_info(settings: Settings, extra: dict | None = None) -> PngInfo:
-    info = PngInfo()
-    data = settings.to_dict() | (extra or {})
-    text = settings.describe()
-    if extra and "sweep" in extra:  # a grid: its axes replace the single values they vary
-        axes = [extra["sweep"]["columns"], extra["sweep"]["rows"]]
-        text += "\n" + ", ".join(f"Sweep {where}: {axis['axis']} = {', '.join(str(v) for v in axis['values'])}"
-                                for where, axis in zip(("columns", "rows"), axes) if axis["axis"])
-    info.add_text(PNG_PARAMETERS_KEY, text)
-    info.add_text(PNG_SETTINGS_KEY, json.dumps(data))
-    info.add_text("Software", "seg_core studio (Smoothed Energy Guidance for SDXL)")
-    return info
-
-
-def read_png_settings(image: Image.Image | str) -> dict:
-    """The settings stored in a PNG written by this module (empty dict if none)."""
-    if not isinstance(image, Image.Image):
-        with Image.open(image) as opened:
-            return read_png_settings(opened)
-    text = image.info.get(PNG_SETTINGS_KEY)
-    return json.loads(text) if text else {}
-
-
-# --------------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One image: its settings, how long it took and how many UNet evaluations it used."""
-
-    label: str
-    settings: Settings
-    image: Image.Image
-    seconds: float
-    unet_evaluations: int
-    path: str = ""
-    one_loop: bool = False  # rendered with other methods in one loop: ``seconds`` is the whole loop's
-
-    def info(self) -> dict:
-        return {
-            "label": self.label, "method": self.settings.method, "seed": self.settings.seed,
-            "seconds": round(self.seconds, 3), "one_loop": self.one_loop, "unet_evaluations": self.unet_evaluations,
-            "unet_evaluations_per_step": round(self.unet_evaluations / self.settings.steps, 2),
-            "file": self.path, "settings": self.settings.to_dict(),
-        }
-
-
-@dataclass
-class Sweep:
-    runs: list[list[Run]]  # [row][column]
-    column_axis: str
-    column_values: list
-    row_axis: str | None
-    row_values: list
-    grid: Image.Image
-    path: str = ""
-
-    def info(self) -> dict:
-        return {
-            "columns": {"axis": self.column_axis, "values": [_axis_value(v) for v in self.column_values]},
-            "rows": {"axis": self.row_axis, "values": [_axis_value(v) for v in self.row_values]},
-            "file": self.path,
-            "runs": [run.info() for row in self.runs for run in row],
-            "seconds": round(sum(run.seconds for row in self.runs for run in row), 3),
-            "unet_evaluations": sum(run.unet_evaluations for row in self.runs for run in row),
-        }
-
-
-def _axis_value(value):
-    return format_sigma(value) if isinstance(value, float) and math.isinf(value) else value
-
-
-class UNetCounter:
-    """Counts UNet evaluations per image: batch rows seen by ``unet.forward`` / images per call."""
-
-    def __init__(self, unet: torch.nn.Module, images_per_call: int = 1):
-        self.unet, self.images_per_call, self.rows = unet, images_per_call, 0
-
-    def _hook(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self.rows += sample.shape[0]
-
-    def __enter__(self):
-        self.handle = self.unet.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-    @property
-    def evaluations(self) -> int:
-        return self.rows // self.images_per_call
-
-
-# --------------------------------------------------------------------------------------------------
-# Sweep grid
-# --------------------------------------------------------------------------------------------------
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: a fixed bitmap font
-        return ImageFont.load_default()
-
-
-def labelled_grid(images: Sequence[Sequence[Image.Image]], column_labels: Sequence[str],
-                  row_labels: Sequence[str] | None = None, title: str = "",
-                  min_cell: int = 160, max_cell: int = 512, gap: int = 4) -> Image.Image:
-    """A grid of images with column labels on top and row labels on the left (the paper's figures).
-
-    Cells are scaled so their longer side lies in [min_cell, max_cell]: tiny images are enlarged
-    (nearest neighbour, so pixels stay visible), SDXL's 1024 px ones shrunk.
-    """
-    width, height = images[0][0].size
-    scale = min(max(min_cell / max(width, height), 1.0), max_cell / max(width, height))
-    image_w, image_h = round(width * scale), round(height * scale)
-    cell_w, cell_h = image_w + gap, image_h + gap
-    font_size = max(14, min(28, cell_w // 9))
-    font, pad = _font(font_size), font_size // 2
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def text_width(text):
-        left, _, right, _ = measure.textbbox((0, 0), text, font=font)
-        return right - left
-
-    label_h = font_size + 2 * pad
-    title_h = label_h if title else 0
-    left_w = max((text_width(t) for t in row_labels), default=0) + 2 * pad if row_labels else 0
-    grid = Image.new("RGB", (left_w + cell_w * len(column_labels), title_h + label_h + cell_h * len(images)), "white")
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((pad, pad), title, fill="black", font=font)
-    for c, text in enumerate(column_labels):
-        x = left_w + c * cell_w + (cell_w - text_width(text)) // 2
-        draw.text((x, title_h + pad), text, fill="black", font=font)
-    for r, row in enumerate(images):
-        y = title_h + label_h + r * cell_h
-        if row_labels:
-            draw.text((pad, y + (cell_h - font_size) // 2), row_labels[r], fill="black", font=font)
-        for c, image in enumerate(row):
-            resample = Image.NEAREST if scale > 1 else Image.LANCZOS
-            grid.paste(image.convert("RGB").resize((image_w, image_h), resample), (left_w + c * cell_w, y))
-    return grid
-
-
-# --------------------------------------------------------------------------------------------------
-# The service
-# --------------------------------------------------------------------------------------------------
 
 _model_locks: dict[str, threading.Lock] = {}
 _model_locks_guard = threading.Lock()
@@ -855,8 +380,8 @@ class Studio:
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.max_images:
             raise ValueError(f"images must be an integer in [1, {self.max_images}] here, got {count!r}")
         control, preview = self.control_maps(settings, control_image, control_image_2)
-        _stamp_control(settings, control)
-        steps = _StepCounter(settings.steps * count, progress, should_stop)
+        stamp_control(settings, control)
+        steps = StepCounter(settings.steps * count, progress, should_stop)
         with self.lock:
             runs = [self._run(settings.method, dataclasses.replace(settings, seed=(settings.seed + i) % (MAX_SEED + 1)),
                               control, steps) for i in range(count)]
@@ -890,8 +415,8 @@ class Studio:
         else:
             self.check_budget(vanilla, self.request_rows(vanilla) + 1, 1)
         control, preview = self.control_maps(settings, control_image, control_image_2)
-        _stamp_control(settings, control)
-        steps = _StepCounter(settings.steps * len(variants), progress, should_stop)
+        stamp_control(settings, control)
+        steps = StepCounter(settings.steps * len(variants), progress, should_stop)
         with self.lock:
             if one_loop:
                 runs = self._run_one_loop(variants, settings, control, steps)
@@ -900,7 +425,7 @@ class Studio:
                         for label, change in variants]
         return runs, preview
 
-    def _run_one_loop(self, variants, settings: Settings, control, steps: "_StepCounter") -> list[Run]:
+    def _run_one_loop(self, variants, settings: Settings, control, steps: "StepCounter") -> list[Run]:
         """The variants' images in one loop (seg_core.compare.side_by_side), saved as separate runs."""
         pipe = self.pipeline(settings.control_types or "none")
         each = [dataclasses.replace(settings, **change) for _, change in variants]
@@ -944,7 +469,7 @@ class Studio:
         try:
             yield
         except torch.OutOfMemoryError as error:
-            _release_memory()
+            release_memory()
             raise OutOfMemory(
                 f"the {pipe.device.type} device ran out of memory at {settings.width}x{settings.height} "
                 f"({settings.method}, {settings.steps} steps); try a smaller size, or again later"
@@ -972,8 +497,8 @@ class Studio:
         for value in row_values:
             self.check_budget(dataclasses.replace(settings, **({row_axis: float(value)} if row_axis else {})))
         control, preview = self.control_maps(settings, control_image, control_image_2)
-        _stamp_control(settings, control)
-        steps = _StepCounter(settings.steps * runs_total, progress, should_stop)
+        stamp_control(settings, control)
+        steps = StepCounter(settings.steps * runs_total, progress, should_stop)
         runs: list[list[Run]] = []
         with self.lock:
             for value in row_values:
@@ -1020,7 +545,7 @@ class Studio:
 
     # ---- internals --------------------------------------------------------------------------------
 
-    def _run(self, label: str, settings: Settings, control: Image.Image | None, steps: "_StepCounter",
+    def _run(self, label: str, settings: Settings, control: Image.Image | None, steps: "StepCounter",
              save: bool = True) -> Run:
         pipe = self.pipeline(settings.control_types or "none")
         extra = {"image": control} if control is not None else {}
@@ -1067,42 +592,3 @@ def _short_error(error: Exception) -> str:
     text = text.split(" (", 1)[0][:300]
     return f"{type(error).__name__}: {text}"
 
-
-def _stamp_control(settings: Settings, control: Image.Image | list | None) -> None:
-    """Record which control map(s) were used (a hash), so the metadata identifies them."""
-    maps = control if isinstance(control, list) else [control] if control else []
-    digest = hashlib.sha256(b"".join(m.tobytes() for m in maps)).hexdigest()[:16]
-    settings.control_image_sha256 = digest if maps else None
-
-
-def _release_memory() -> None:
-    """Give cached device memory back after an out-of-memory error, so the next request can start."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-class _StepCounter:
-    """Progress over all denoising steps of one request, and its cancellation."""
-
-    def __init__(self, total: int, progress: Progress | None, should_stop: Callable[[], bool] | None = None):
-        self.total, self.done, self.progress, self.should_stop = total, 0, progress, should_stop
-
-    def check(self) -> None:
-        if self.should_stop is not None and self.should_stop():
-            raise GenerationCancelled(f"request cancelled after {self.done} of {self.total} steps")
-
-    def advance(self, label: str) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total, label)
-        self.check()
-
-
-__all__ = [
-    "GPU", "GenerationCancelled", "Limits", "OutOfMemory", "Run", "Settings", "Studio", "Sweep", "UNetCounter",
-    "depth_available", "format_sigma", "labelled_grid", "load_control_image", "parse_layers", "parse_sigma",
-    "parse_values", "read_png_settings", "resolve_seed",
-]
