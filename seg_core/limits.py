@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import MAX_STEPS, is_number
+
 #: How far past its training sizes (in area) a model may be asked to go.
 TRAINED_AREA_FACTOR = 4
 #: Live feature maps per UNet / VAE level at the peak of a forward pass (input, normalised, convolved,
@@ -194,23 +196,28 @@ class Limits:
         for name in ("max_pixels", "max_steps", "max_prompt_chars", "max_image_side", "max_sweep_images",
                      "max_layer_names", "max_images"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not (is_number(value) and isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.max_upload_mb, (int, float)) and math.isfinite(self.max_upload_mb)
+        if not (is_number(self.max_upload_mb) and math.isfinite(self.max_upload_mb)
                 and self.max_upload_mb > 0):
             raise ValueError(f"max_upload_mb must be a positive number, got {self.max_upload_mb!r}")
-        if not (isinstance(self.memory_budget_gb, (int, float)) and 0 < self.memory_budget_gb < math.inf):
+        if not (is_number(self.memory_budget_gb) and 0 < self.memory_budget_gb < math.inf):
             raise ValueError(f"memory_budget_gb must be a positive number, got {self.memory_budget_gb!r}")
-        if self.max_body_mb is not None and not (isinstance(self.max_body_mb, (int, float))
+        if self.max_body_mb is not None and not (is_number(self.max_body_mb)
                                                  and self.max_upload_mb < self.max_body_mb < math.inf):
             raise ValueError(f"max_body_mb must be a number above max_upload_mb ({self.max_upload_mb:g}), "
                              f"got {self.max_body_mb!r}")
         if self.max_pixels < 64:
             raise ValueError(f"max_pixels must be at least 64 (8x8), got {self.max_pixels}")
-        if self.max_steps > 1000:
-            raise ValueError(f"max_steps must be at most 1000 (the pipeline's limit), got {self.max_steps}")
+        if self.max_steps > MAX_STEPS:
+            raise ValueError(f"max_steps must be at most {MAX_STEPS} (the pipeline's limit), got {self.max_steps}")
         if self.max_image_side < 8:
             raise ValueError(f"max_image_side must be at least 8, got {self.max_image_side}")
+
+    @property
+    def highs(self) -> dict[str, int]:
+        """The options (seg_core.options) this server narrows: their tighter upper bounds."""
+        return {"steps": self.max_steps, "prompt": self.max_prompt_chars, "negative_prompt": self.max_prompt_chars}
 
     @property
     def max_body_bytes(self) -> int:

@@ -4,7 +4,6 @@ or sweep."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import os
@@ -23,9 +22,9 @@ from ..attention import resolve_layers
 from ..compare import side_by_side
 from ..control import RANDOM_WEIGHTS, Detection, load_detector
 from ..limits import Geometry, Limits, ModelLimits
-from ..methods import check_interval, check_scale
 from ..models import DEFAULT_FALLBACK, ModelProfile
-from ..pipeline import MAX_SIDE, StableDiffusionXLSEGPipeline, build_guidance_methods
+from ..options import CONTROL, GUIDANCE, check_integer
+from ..pipeline import StableDiffusionXLSEGPipeline, build_guidance_methods
 from ..presets import (DEPTH_ESTIMATOR, UNION, controlnet_choice, load_depth_estimator, load_pipeline,
                        with_controlnet)
 from ..zerogpu import Work, evaluations_per_step, gpu_duration
@@ -33,12 +32,12 @@ from .grids import labelled_grid
 from .images import load_control_image
 from .runs import (OutOfMemory, Progress, Run, StepCounter, Sweep, UNetCounter,
                    release_memory, stamp_control)
-from .settings import MAX_SEED, Settings, format_sigma, parse_layers, parse_sigma, png_info, resolve_seed
+from .settings import MAX_SEED, Settings, check_settings, format_sigma, parse_sigma, png_info
 
 logger = logging.getLogger(__name__)
 
 MAX_SWEEP_RUNS = 64
-CONTROL_TYPES = ("none", *controls.CONTROL_TYPES)
+CONTROL_TYPES = CONTROL["control_type"].choices  # "none" first
 
 _model_locks: dict[str, threading.Lock] = {}
 _model_locks_guard = threading.Lock()
@@ -158,15 +157,21 @@ class Studio:
         side = max(8, int(math.isqrt(max_pixels)) // 8 * 8)
         return [(side, side)]
 
+    def evaluations_per_step(self, guidance_scale: float, *perturbation_scales: float, images: int = 1) -> int:
+        """UNet evaluations (batch rows) of one step on this model (seg_core.zerogpu.evaluations_per_step): no
+        CFG rows on a model with guidance embedded in its time condition (diffusers' rule)."""
+        takes_cfg = self.pipeline("none").unet.config.time_cond_proj_dim is None
+        return evaluations_per_step(guidance_scale if takes_cfg else 1.0, *perturbation_scales, images=images)
+
     def request_rows(self, settings: Settings, images: int = 1) -> int:
-        """Batch rows of one UNet call for ``settings``: (uncond +) cond, plus a row per SEG / PAG branch."""
-        cfg = _positive(settings.guidance_scale - 1) and self.pipeline("none").unet.config.time_cond_proj_dim is None
-        return images * (2 if cfg else 1) + _positive(settings.seg_scale) + _positive(settings.pag_scale)
+        """Batch rows of one UNet call for ``settings``: (uncond +) cond per image, plus a row per SEG / PAG
+        branch (SAG's pass is a call of its own)."""
+        return self.evaluations_per_step(settings.guidance_scale, settings.seg_scale, settings.pag_scale, images=images)
 
     def check_budget(self, settings: Settings, rows: int | None = None, sag_images: int | None = None) -> None:
         """ValueError naming the limit when ``settings`` ask more of this model than the server allows."""
         rows = self.request_rows(settings) if rows is None else rows
-        sag_images = _positive(settings.sag_scale) if sag_images is None else sag_images
+        sag_images = int(settings.sag_scale > 0) if sag_images is None else sag_images
         self.model_limits.check(settings.width, settings.height, rows, sag_images, settings.control_type != "none")
 
     @property
@@ -248,75 +253,31 @@ class Studio:
 
     # ---- inputs -----------------------------------------------------------------------------------
 
-    def settings(self, **values) -> Settings:
-        """Settings from keyword arguments (missing ones: this model's defaults), checked and normalised."""
+    @property
+    def defaults(self) -> dict:
+        """What a request left out takes here: this model's preferences, its first size within this server's
+        pixel limit and its steps within the step limit (the options' defaults for the rest)."""
         width, height = self.size_presets[0]
-        defaults = dict(steps=self.default_steps, width=width, height=height, guidance_scale=self.profile.guidance_scale,
-                        seg_scale=self.profile.seg_scale, seg_blur_sigma=self.profile.seg_blur_sigma)
-        for name, default in defaults.items():
-            if values.get(name) is None:  # left out, or null in a raw API request
-                values[name] = default
-        settings = Settings(**{k: v for k, v in values.items() if v is not None})
-        settings.prompt = settings.prompt or ""
-        settings.negative_prompt = settings.negative_prompt or ""
-        settings.seed = resolve_seed(values.get("seed"))
-        settings.seg_blur_sigma = parse_sigma(settings.seg_blur_sigma)
-        settings.seg_applied_layers = parse_layers(settings.seg_applied_layers)
-        settings.control_type = settings.control_type or "none"
-        settings.control_type_2 = settings.control_type_2 or "none"
-        for name in ("control_type", "control_type_2"):
-            if getattr(settings, name) not in CONTROL_TYPES:
-                raise ValueError(f"{name} must be one of {list(CONTROL_TYPES)}, got {getattr(settings, name)!r}")
-        if settings.control_type == "none" and settings.control_type_2 != "none":
-            raise ValueError(f"control_type_2 ({settings.control_type_2!r}) needs a first control_type, got 'none'")
-        for suffix in ("", "_2"):
-            name = f"controlnet_conditioning_scale{suffix}"
-            setattr(settings, name, check_scale(name, getattr(settings, name), 10.0))
-            check_interval(getattr(settings, f"control_guidance_start{suffix}"),
-                           getattr(settings, f"control_guidance_end{suffix}"), f"control_guidance{suffix}")
-            if not isinstance(getattr(settings, f"control_preprocess{suffix}"), bool):
-                raise ValueError(f"control_preprocess{suffix} must be true or false, got "
-                                 f"{getattr(settings, f'control_preprocess{suffix}')!r}")
-        for name in ("openpose_hands", "openpose_face"):
-            if not isinstance(getattr(settings, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(settings, name)!r}")
-        for name in ("detect_resolution", "canny_low_threshold", "canny_high_threshold"):
-            value = getattr(settings, name)
-            if isinstance(value, float) and value.is_integer():
-                setattr(settings, name, int(value))
-        settings.detection()  # the knobs' ranges: ValueError naming the value
-        # Checked here, not only by the pipeline: the limits read them first, and the PNG's JSON has no NaN
-        # (the conditioning scales are written even without a ControlNet; checked above).
-        for name in ("guidance_scale", "seg_scale", "pag_scale", "sag_scale"):
-            setattr(settings, name, check_scale(name, getattr(settings, name)))
-        check_interval(settings.perturbation_guidance_start, settings.perturbation_guidance_end, "perturbation_guidance")
-        for name in ("steps", "width", "height"):
-            value = getattr(settings, name)
-            if isinstance(value, float) and value.is_integer():
-                setattr(settings, name, int(value))
-        limits = self.limits
-        if isinstance(settings.steps, bool) or not isinstance(settings.steps, int) or not 1 <= settings.steps <= limits.max_steps:
-            raise ValueError(f"steps must be an integer in [1, {limits.max_steps}], got {settings.steps!r}")
-        for name in ("width", "height"):
-            value = getattr(settings, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= MAX_SIDE or value % 8:
-                raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_SIDE}], got {value!r}")
-        for name in ("prompt", "negative_prompt"):
-            value = getattr(settings, name)
-            if not isinstance(value, str):
-                raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-            if len(value) > limits.max_prompt_chars:
-                raise ValueError(f"{name} must be at most {limits.max_prompt_chars} characters, got {len(value)}")
-        if len(settings.seg_applied_layers) > limits.max_layer_names:
-            raise ValueError(f"seg_applied_layers may name at most {limits.max_layer_names} layers, got "
-                             f"{len(settings.seg_applied_layers)}")
-        for layer in settings.seg_applied_layers:
-            if len(layer) > 16:
-                raise ValueError(f"unknown attention layer {layer[:16]!r}... (layer names are short: mid, d4, u0)")
-        resolve_layers(self.pipeline("none").unet, settings.seg_applied_layers)  # unknown names: ValueError
+        return {**self.profile.request_defaults(), "steps": self.default_steps, "width": width, "height": height}
+
+    def settings(self, **values) -> Settings:
+        """Settings from keyword arguments, THE check of a request: each value once, with its option's rule
+        and this server's limits (a value left out or None: :attr:`defaults`); ValueError naming the value."""
+        settings = check_settings(values, self.defaults, self.limits.highs)
+        self.check_layers(settings.seg_applied_layers)
         settings.model = self.model_id
         self.check_budget(settings)
         return settings
+
+    def check_layers(self, layers: list[str]) -> None:
+        """ValueError unless ``layers`` are few, short and name attention layers of this model's UNet."""
+        if len(layers) > self.limits.max_layer_names:
+            raise ValueError(f"seg_applied_layers may name at most {self.limits.max_layer_names} layers, got "
+                             f"{len(layers)}")
+        for layer in layers:
+            if len(layer) > 16:
+                raise ValueError(f"unknown attention layer {layer[:16]!r}... (layer names are short: mid, d4, u0)")
+        resolve_layers(self.pipeline("none").unet, layers)  # unknown names: ValueError
 
     def control_map(self, control_type: str, image, width: int, height: int,
                     detection: Detection = Detection()) -> Image.Image | None:
@@ -377,8 +338,7 @@ class Studio:
                         control_image_2=None) -> tuple[list[Run], Image.Image | None]:
         """``count`` images from seeds ``settings.seed``, +1, +2, ...: each the image Generate gives for its
         seed. Returns the runs and the control map used."""
-        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.max_images:
-            raise ValueError(f"images must be an integer in [1, {self.max_images}] here, got {count!r}")
+        count = check_integer("images", count, 1, self.max_images, " here")
         control, preview = self.control_maps(settings, control_image, control_image_2)
         stamp_control(settings, control)
         steps = StepCounter(settings.steps * count, progress, should_stop)
@@ -397,8 +357,8 @@ class Studio:
         ``one_loop`` renders the four in one denoising loop with batched UNet calls (seg_core.compare):
         the same images, faster where UNet calls are launch-bound (a GPU), but one time for all four.
         """
-        sag_scale = check_scale("sag_scale", self.profile.sag_scale if sag_scale is None else sag_scale)
-        pag_scale = check_scale("pag_scale", self.profile.pag_scale if pag_scale is None else pag_scale)
+        sag_scale = GUIDANCE["sag_scale"].check(self.profile.sag_scale if sag_scale is None else sag_scale)
+        pag_scale = GUIDANCE["pag_scale"].check(self.profile.pag_scale if pag_scale is None else pag_scale)
         if sag_scale <= 0 or pag_scale <= 0 or settings.seg_scale <= 0:
             raise ValueError(f"compare needs sag_scale, pag_scale and seg_scale > 0, got "
                              f"{sag_scale}, {pag_scale} and {settings.seg_scale}")
@@ -425,42 +385,28 @@ class Studio:
                         for label, change in variants]
         return runs, preview
 
-    def _run_one_loop(self, variants, settings: Settings, control, steps: "StepCounter") -> list[Run]:
+    def _run_one_loop(self, variants, settings: Settings, control, steps: StepCounter) -> list[Run]:
         """The variants' images in one loop (seg_core.compare.side_by_side), saved as separate runs."""
-        pipe = self.pipeline(settings.control_types or "none")
         each = [dataclasses.replace(settings, **change) for _, change in variants]
-        guidance_keys = inspect.signature(build_guidance_methods).parameters
-        method_sets = [build_guidance_methods(**{k: v for k, v in s.pipeline_kwargs().items() if k in guidance_keys})
+        method_sets = [build_guidance_methods(**{k: v for k, v in s.pipeline_kwargs().items() if k in GUIDANCE})
                        for s in each]
-        kwargs = {k: v for k, v in settings.pipeline_kwargs().items() if k not in guidance_keys}
+        kwargs = {k: v for k, v in settings.pipeline_kwargs().items() if k not in GUIDANCE}
         if control is not None:
             kwargs["image"] = control
-
-        def on_step_end(pipe, i, t, tensors):
-            for _ in variants:
-                steps.advance("all four in one loop")
-            return tensors
-
-        steps.check()
-        with UNetCounter(pipe.unet) as counter, self._out_of_memory_as_error(pipe, settings):
-            start = time.perf_counter()
-            images = side_by_side(pipe, method_sets, seed=settings.seed, output_type="pil",
-                                  callback_on_step_end=on_step_end, **kwargs)
-            if pipe.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-        # Each image's UNet evaluations: what it would cost alone (its rows of the batched calls).
-        do_cfg = settings.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+        images, seconds, counted = self._timed(
+            settings, steps, "all four in one loop", len(variants),
+            lambda pipe, on_step_end: side_by_side(pipe, method_sets, seed=settings.seed, output_type="pil",
+                                                   callback_on_step_end=on_step_end, **kwargs))
         runs = []
         for (label, _), run_settings, methods, image in zip(variants, each, method_sets, images):
-            evaluations = sum((2 if do_cfg else 1) + sum(m.is_active(i, settings.steps) for m in methods)
+            # Each image's UNet evaluations: what it would cost alone (its rows of the batched calls).
+            evaluations = sum(self.evaluations_per_step(settings.guidance_scale,
+                                                        *(m.is_active(i, settings.steps) for m in methods))
                               for i in range(settings.steps))
-            run = Run(label, run_settings, image, seconds, evaluations, one_loop=True)
-            run.path = self._save(image, run_settings, run_settings.method.lower().replace("+", "-"),
-                                  {"seconds_all_four": round(seconds, 3), "unet_evaluations": evaluations})
-            runs.append(run)
-        if sum(r.unet_evaluations for r in runs) != counter.evaluations:
-            logger.warning("one loop: %d UNet rows counted, %d attributed", counter.evaluations,
+            runs.append(self._saved(Run(label, run_settings, image, seconds, evaluations, one_loop=True),
+                                    {"seconds_all_four": round(seconds, 3), "unet_evaluations": evaluations}))
+        if sum(r.unet_evaluations for r in runs) != counted:
+            logger.warning("one loop: %d UNet rows counted, %d attributed", counted,
                            sum(r.unet_evaluations for r in runs))
         return runs
 
@@ -531,45 +477,57 @@ class Studio:
         fit a quota."""
         s = settings
         if kind == "generate":
-            work = Work(s.steps, s.width, s.height, images,
-                        images * evaluations_per_step(s.guidance_scale, s.seg_scale, s.pag_scale, s.sag_scale))
+            per_image = self.evaluations_per_step(s.guidance_scale, s.seg_scale, s.pag_scale, s.sag_scale)
+            work = Work(s.steps, s.width, s.height, images, images * per_image)
         elif kind == "compare":  # vanilla, then SAG, PAG and SEG with one extra evaluation each
-            work = Work(s.steps, s.width, s.height, 4, 4 * evaluations_per_step(s.guidance_scale) + 3)
+            work = Work(s.steps, s.width, s.height, 4, self.evaluations_per_step(s.guidance_scale, 1, 1, 1, images=4))
         elif kind == "sweep":
             images = len(sigmas) * max(1, len(row_values) if row_axis not in (None, "", "none") else 1)
             guidance = max([s.guidance_scale] + [float(v) for v in row_values if row_axis == "guidance_scale"])
-            work = Work(s.steps, s.width, s.height, images, images * evaluations_per_step(guidance, 1.0))
+            work = Work(s.steps, s.width, s.height, images, images * self.evaluations_per_step(guidance, 1.0))
         else:
             raise ValueError(f"kind must be 'generate', 'compare' or 'sweep', got {kind!r}")
         return gpu_duration(self.profile.gpu_cost, work)
 
     # ---- internals --------------------------------------------------------------------------------
 
-    def _run(self, label: str, settings: Settings, control: Image.Image | None, steps: "StepCounter",
+    def _run(self, label: str, settings: Settings, control: Image.Image | None, steps: StepCounter,
              save: bool = True) -> Run:
-        pipe = self.pipeline(settings.control_types or "none")
         extra = {"image": control} if control is not None else {}
         generator = torch.Generator().manual_seed(settings.seed)  # CPU: the same noise on any device
+        image, seconds, evaluations = self._timed(
+            settings, steps, label, 1,
+            lambda pipe, on_step_end: pipe(**settings.pipeline_kwargs(), **extra, generator=generator,
+                                           output_type="pil", callback_on_step_end=on_step_end).images[0])
+        run = Run(label, settings, image, seconds, evaluations)
+        if save:
+            self._saved(run, {"seconds": round(seconds, 3), "unet_evaluations": evaluations})
+        return run
+
+    def _timed(self, settings: Settings, steps: StepCounter, label: str, images: int, render: Callable):
+        """``render(pipe, on_step_end)`` on the request's pipeline, timed and its UNet evaluations counted:
+        (its result, seconds, evaluations). Each denoising step advances ``steps`` once per image rendered."""
+        pipe = self.pipeline(settings.control_types or "none")
 
         def on_step_end(pipe, i, t, tensors):
-            steps.advance(label)  # raises GenerationCancelled when the request was cancelled
+            for _ in range(images):
+                steps.advance(label)  # raises GenerationCancelled when the request was cancelled
             return tensors
 
         steps.check()  # a request cancelled while it waited for the model does not start
-        with UNetCounter(pipe.unet) as counter:
+        # An exception anywhere in here leaves the model clean: the pipeline restores its attention
+        # processors and down-block hooks in `finally`.
+        with UNetCounter(pipe.unet) as counter, self._out_of_memory_as_error(pipe, settings):
             start = time.perf_counter()
-            # An exception anywhere in here leaves the model clean: the pipeline restores its
-            # attention processors and down-block hooks in `finally`.
-            with self._out_of_memory_as_error(pipe, settings):
-                image = pipe(**settings.pipeline_kwargs(), **extra, generator=generator, output_type="pil",
-                             callback_on_step_end=on_step_end).images[0]
-                if pipe.device.type == "cuda":
-                    torch.cuda.synchronize()
+            result = render(pipe, on_step_end)
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-        run = Run(label, settings, image, seconds, counter.evaluations)
-        if save:
-            run.path = self._save(image, settings, settings.method.lower().replace("+", "-"),
-                                  {"seconds": round(seconds, 3), "unet_evaluations": counter.evaluations})
+        return result, seconds, counter.evaluations
+
+    def _saved(self, run: Run, extra: dict) -> Run:
+        """``run`` with its image written to a PNG carrying its settings and ``extra``."""
+        run.path = self._save(run.image, run.settings, run.settings.method.lower().replace("+", "-"), extra)
         return run
 
     def _save(self, image: Image.Image, settings: Settings, stem: str, extra: dict | None = None) -> str:
@@ -579,11 +537,6 @@ class Studio:
         with os.fdopen(handle, "wb") as file:
             image.save(file, format="PNG", pnginfo=png_info(settings, extra))
         return path
-
-
-def _positive(value) -> int:
-    """1 for a number > 0, else 0 (a bad value is named later, by the pipeline's own checks)."""
-    return int(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
 
 
 def _short_error(error: Exception) -> str:

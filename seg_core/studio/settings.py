@@ -4,116 +4,76 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
-import re
 from dataclasses import dataclass, field
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..blur import INFINITE_SIGMA_THRESHOLD
 from ..control import Detection
+from ..options import (GUIDANCE, MAX_SEED, OPTIONS, check_integer, check_interval, format_sigma, is_number,  # noqa: F401
+                       parse_layers, parse_sigma, parse_values)
 from ..presets import control_arguments
 
-MAX_SEED = 2**32 - 1
 PNG_SETTINGS_KEY = "seg_settings"  # JSON of Settings, in a PNG text chunk
 PNG_PARAMETERS_KEY = "parameters"  # the same, readable (the key other SD tools use)
-
-
-def parse_sigma(value) -> float:
-    """A blur sigma from a number or a string; "inf", "infinite", "∞" and anything > 9999 mean infinite."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("inf", "+inf", "infinite", "infinity", "∞"):
-            return math.inf
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"seg_blur_sigma must be a number >= 0 or 'inf', got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ValueError(f"seg_blur_sigma must be a number >= 0 or 'inf', got {value!r}")
-    return math.inf if value > INFINITE_SIGMA_THRESHOLD else float(value)
-
-
-def format_sigma(sigma: float) -> str:
-    return "inf" if math.isinf(sigma) else f"{sigma:g}"
-
-
-def parse_values(text, name: str, parse=float) -> list:
-    """A list from "1, 4, 16, inf" (brackets and quotes ignored); ValueError naming the bad item."""
-    if isinstance(text, (list, tuple)):
-        items = [str(item) for item in text]
-    else:
-        items = re.sub(r"[\[\]'\"]", " ", str(text or "")).replace(";", ",").split(",")
-    items = [item.strip() for item in items if item.strip()]
-    if not items:
-        raise ValueError(f"{name} must list at least one value, got {text!r}")
-    values = []
-    for item in items:
-        try:
-            values.append(parse(item))
-        except ValueError as error:
-            raise ValueError(f"{name}: bad value {item!r} ({error})") from None
-    return values
-
-
-def parse_layers(value) -> list[str]:
-    """Applied layers from a list or a comma-separated string ("mid", "down, up", "m0, u1")."""
-    layers = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
-    layers = [str(layer).strip() for layer in layers if str(layer).strip()]
-    if not layers:
-        raise ValueError("seg_applied_layers must name at least one layer, e.g. ['mid'], got an empty list")
-    return layers
+#: The guidance windows of a request: each a (start, end) pair checked together (start < end).
+WINDOWS = {"perturbation_guidance": ("perturbation_guidance_start", "perturbation_guidance_end"),
+           "control_guidance": ("control_guidance_start", "control_guidance_end"),
+           "control_guidance_2": ("control_guidance_start_2", "control_guidance_end_2")}
 
 
 def resolve_seed(seed) -> int:
     """The seed to use: a random one for None or -1."""
-    if isinstance(seed, float) and not math.isfinite(seed):
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
-    if seed is None or (isinstance(seed, (int, float)) and not isinstance(seed, bool) and seed == -1):
+    if seed is None or (is_number(seed) and seed == -1):
         return random.randint(0, MAX_SEED)
-    if (isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed) or seed < 0
-            or seed > MAX_SEED):
-        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}] (or -1 for a random one), got {seed!r}")
-    return int(seed)
+    return check_integer("seed", seed, 0, MAX_SEED, " (or -1 for a random one)")
+
+
+def _option(name: str):
+    """A field whose default is its option's (seg_core.options)."""
+    default = OPTIONS[name].default
+    if isinstance(default, tuple):  # layers: a list of its own for each Settings
+        return field(default_factory=lambda: list(default))
+    return field(default=default)
 
 
 @dataclass
 class Settings:
-    """One generation's settings, named as the pipeline's arguments."""
+    """One generation's settings, named as the pipeline's arguments; defaults, ranges and help are the
+    options' (seg_core.options), a model's preferences its profile's (seg_core.models)."""
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 25
-    width: int = 1024
-    height: int = 1024
-    guidance_scale: float = 1.0
-    seg_scale: float = 3.0
-    seg_blur_sigma: float = math.inf
-    seg_applied_layers: list[str] = field(default_factory=lambda: ["mid"])
-    pag_scale: float = 0.0
-    sag_scale: float = 0.0
-    perturbation_guidance_start: float = 0.0
-    perturbation_guidance_end: float = 1.0
-    control_type: str = "none"
-    controlnet_conditioning_scale: float = 1.0
-    control_guidance_start: float = 0.0
-    control_guidance_end: float = 1.0
-    control_preprocess: bool = True  # False: the control image is already a control map
+    prompt: str = _option("prompt")
+    negative_prompt: str = _option("negative_prompt")
+    seed: int = _option("seed")
+    steps: int = _option("steps")
+    width: int = _option("width")
+    height: int = _option("height")
+    guidance_scale: float = _option("guidance_scale")
+    seg_scale: float = _option("seg_scale")
+    seg_blur_sigma: float = _option("seg_blur_sigma")
+    seg_applied_layers: list[str] = _option("seg_applied_layers")  # PAG's too, in this demo
+    pag_scale: float = _option("pag_scale")
+    sag_scale: float = _option("sag_scale")
+    perturbation_guidance_start: float = _option("perturbation_guidance_start")
+    perturbation_guidance_end: float = _option("perturbation_guidance_end")
+    control_type: str = _option("control_type")
+    controlnet_conditioning_scale: float = _option("controlnet_conditioning_scale")
+    control_guidance_start: float = _option("control_guidance_start")
+    control_guidance_end: float = _option("control_guidance_end")
+    control_preprocess: bool = _option("control_preprocess")
     # The detectors' knobs (seg_core.control.Detection), for both controls.
-    detect_resolution: int = 512
-    canny_low_threshold: int = 100
-    canny_high_threshold: int = 200
-    openpose_hands: bool = False
-    openpose_face: bool = False
+    detect_resolution: int = _option("detect_resolution")
+    canny_low_threshold: int = _option("canny_low_threshold")
+    canny_high_threshold: int = _option("canny_high_threshold")
+    openpose_hands: bool = _option("openpose_hands")
+    openpose_face: bool = _option("openpose_face")
     # A second control (read with the first by the union model, one mode each).
-    control_type_2: str = "none"
-    controlnet_conditioning_scale_2: float = 1.0
-    control_guidance_start_2: float = 0.0
-    control_guidance_end_2: float = 1.0
-    control_preprocess_2: bool = True
+    control_type_2: str = _option("control_type_2")
+    controlnet_conditioning_scale_2: float = _option("controlnet_conditioning_scale_2")
+    control_guidance_start_2: float = _option("control_guidance_start_2")
+    control_guidance_end_2: float = _option("control_guidance_end_2")
+    control_preprocess_2: bool = _option("control_preprocess_2")
     model: str = ""
     control_image_sha256: str | None = None
 
@@ -137,15 +97,11 @@ class Settings:
 
     def pipeline_kwargs(self) -> dict:
         """The keyword arguments of StableDiffusionXLSEGPipeline.__call__ (without image / generator)."""
-        kwargs = dict(
-            prompt=self.prompt, negative_prompt=self.negative_prompt or None, height=self.height,
-            width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-            seg_scale=self.seg_scale, seg_blur_sigma=self.seg_blur_sigma,
-            seg_applied_layers=list(self.seg_applied_layers), pag_scale=self.pag_scale,
-            pag_applied_layers=list(self.seg_applied_layers), sag_scale=self.sag_scale,
-            perturbation_guidance_start=self.perturbation_guidance_start,
-            perturbation_guidance_end=self.perturbation_guidance_end,
-        )
+        kwargs = dict(prompt=self.prompt, negative_prompt=self.negative_prompt or None, height=self.height,
+                      width=self.width, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                      pag_applied_layers=list(self.seg_applied_layers))  # PAG where SEG is (the demo's choice)
+        kwargs.update({name: getattr(self, name) for name in GUIDANCE if name in SETTINGS_OPTIONS})
+        kwargs["seg_applied_layers"] = list(self.seg_applied_layers)
         if self.control_types:
             n = len(self.control_types)
             kwargs.update(control_arguments(
@@ -210,3 +166,37 @@ def read_png_settings(image: Image.Image | str) -> dict:
     text = image.info.get(PNG_SETTINGS_KEY)
     return json.loads(text) if text else {}
 
+
+
+#: The Settings fields that are options (all but ``model`` and ``control_image_sha256``, which the service sets).
+SETTINGS_OPTIONS = tuple(f.name for f in dataclasses.fields(Settings) if f.name in OPTIONS)
+
+
+def check_settings(values: dict, defaults: dict, highs: dict) -> Settings:
+    """Settings from a request's ``values``, each checked once with its option's rule (:meth:`Option.check`,
+    with ``highs``' tighter bound where an operator narrows it). A value left out or None takes ``defaults``'
+    (the model's), else its option's default; an empty control type is "none"; a seed left out is random."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise TypeError(f"unknown settings: {sorted(unknown)}")
+    checked = {name: values[name] for name in ("model", "control_image_sha256") if values.get(name) is not None}
+    windowed = {name for pair in WINDOWS.values() for name in pair}
+    filled = {name: _value(name, values, defaults) for name in SETTINGS_OPTIONS}
+    for name in SETTINGS_OPTIONS:
+        if name not in windowed and name != "seed":
+            checked[name] = OPTIONS[name].check(filled[name], highs.get(name))
+    for prefix, (start, end) in WINDOWS.items():
+        checked[start], checked[end] = check_interval(filled[start], filled[end], prefix)
+    checked["seed"] = resolve_seed(values.get("seed"))
+    if checked["control_type"] == "none" and checked["control_type_2"] != "none":
+        raise ValueError(f"control_type_2 ({checked['control_type_2']!r}) needs a first control_type, got 'none'")
+    settings = Settings(**checked)
+    settings.detection()  # the detector's own rule (low_threshold <= high_threshold): ValueError naming them
+    return settings
+
+
+def _value(name: str, values: dict, defaults: dict):
+    value = values.get(name)
+    if value is None or (OPTIONS[name].kind == "choice" and isinstance(value, str) and value == ""):
+        return defaults.get(name, OPTIONS[name].default)
+    return value
