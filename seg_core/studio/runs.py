@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -99,6 +100,20 @@ def stamp_control(settings: Settings, control: Image.Image | list | None) -> Non
     maps = control if isinstance(control, list) else [control] if control else []
     digest = hashlib.sha256(b"".join(m.tobytes() for m in maps)).hexdigest()[:16]
     settings.control_image_sha256 = digest if maps else None
+
+
+@contextmanager
+def out_of_memory_as_error(pipe, settings: Settings):
+    """A device out of memory during a request raised as :class:`OutOfMemory`, naming what was asked, after
+    giving the cached memory back."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        release_memory()
+        raise OutOfMemory(
+            f"the {pipe.device.type} device ran out of memory at {settings.width}x{settings.height} "
+            f"({settings.method}, {settings.steps} steps); try a smaller size, or again later"
+        ) from error
 
 
 def release_memory() -> None:

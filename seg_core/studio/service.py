@@ -10,7 +10,6 @@ import os
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
@@ -20,24 +19,21 @@ from .. import control as controls
 from .. import models
 from ..attention import resolve_layers
 from ..compare import side_by_side
-from ..control import RANDOM_WEIGHTS, Detection, load_detector
+from ..control import Detection
 from ..limits import Geometry, Limits, ModelLimits
 from ..models import DEFAULT_FALLBACK, ModelProfile
-from ..options import CONTROL, GUIDANCE, check_integer
+from ..options import GUIDANCE, check_integer
 from ..pipeline import StableDiffusionXLSEGPipeline, build_guidance_methods
-from ..presets import (DEPTH_ESTIMATOR, UNION, controlnet_choice, load_depth_estimator, load_pipeline,
-                       with_controlnet)
 from ..zerogpu import Work, evaluations_per_step, gpu_duration
 from .grids import labelled_grid
 from .images import load_control_image
-from .runs import (OutOfMemory, Progress, Run, StepCounter, Sweep, UNetCounter,
-                   release_memory, stamp_control)
+from .loading import CONTROL_TYPES, Pipelines
+from .runs import Progress, Run, StepCounter, Sweep, UNetCounter, out_of_memory_as_error, stamp_control
 from .settings import MAX_SEED, Settings, check_settings, format_sigma, parse_sigma, png_info
 
 logger = logging.getLogger(__name__)
 
 MAX_SWEEP_RUNS = 64
-CONTROL_TYPES = CONTROL["control_type"].choices  # "none" first
 
 _model_locks: dict[str, threading.Lock] = {}
 _model_locks_guard = threading.Lock()
@@ -60,15 +56,6 @@ def _fresh_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
 
-def depth_available() -> bool:
-    """Whether the depth estimator can be loaded: online, or its weights cached."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if not constants.HF_HUB_OFFLINE:
-        return True
-    return isinstance(try_to_load_from_cache(DEPTH_ESTIMATOR, "config.json"), str)
-
-
 class Studio:
     """Loads a model once (falling back to an offline model when it cannot be loaded) and runs requests.
 
@@ -87,28 +74,24 @@ class Studio:
     def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = DEFAULT_FALLBACK,
                  output_dir: str | None = None, limits: Limits | None = None, notice: str | None = None,
                  compile: bool = False):
-        self.compile = compile
         self.requested_model = model
         self.notice = notice
         self.limits = limits or Limits()
-        self.device = device
         self.load_error: str | None = None
-        self._pipes: dict[str | None, StableDiffusionXLSEGPipeline] = {}
-        self.unavailable: dict[str, str] = {}  # control type -> why it cannot be loaded here
-        self._load_lock = threading.Lock()
         self.output_dir = output_dir or tempfile.mkdtemp(prefix="seg-studio-")
         os.makedirs(self.output_dir, exist_ok=True)
         self._model_limits: ModelLimits | None = None
         try:
-            self.model = model
-            self.pipeline("none")
+            self._pipelines = Pipelines(model, device, compile)
+            self._pipelines.get("none")
         except Exception as error:  # no network, no cached weights, a bad id ...
             if fallback is None or model == fallback:
                 raise
             self.load_error = _short_error(error)
             logger.warning("could not load %s (%s); starting on %r", model, self.load_error, fallback)
-            self.model = fallback
-            self.pipeline("none")
+            self._pipelines = Pipelines(fallback, device, compile)
+            self._pipelines.get("none")
+        self.model = self._pipelines.model
 
     @property
     def lock(self) -> threading.Lock:
@@ -184,72 +167,32 @@ class Studio:
         return min(self.profile.steps, self.limits.max_steps)
 
     def pipeline(self, control_type: str | Sequence[str] = "none") -> StableDiffusionXLSEGPipeline:
-        """The pipeline for a control type ("none", or one of ``CONTROL_TYPES``) or two of them, loaded once
-        and cached. Every type the union model serves, and every pair, share one pipeline ("union")."""
-        types = () if control_type == "none" else (control_type,) if isinstance(control_type, str) else tuple(control_type)
-        for name in types:
-            if name not in CONTROL_TYPES[1:]:
-                raise ValueError(f"control_type must be one of {list(CONTROL_TYPES)}, got {name!r}")
-            if name in self.unavailable:
-                raise RuntimeError(self.unavailable[name])
-        key = "none" if not types else "union" if controlnet_choice(types).is_union else types[0]
-        if key in self.unavailable:
-            raise RuntimeError(self.unavailable[key])
-        pipe = self._pipes.get(key)
-        if pipe is not None:  # loaded: no lock (a ZeroGPU worker's copy of the lock may be held forever)
-            return pipe
-        with self._load_lock:
-            if key not in self._pipes:
-                self._pipes[key] = self._load(key)
-            return self._pipes[key]
-
-    @property
-    def detector_weights(self) -> str | None:
-        """Where the learned detectors' weights come from: the Hub (or its cache), or, on the small offline
-        models (which get random ControlNets too), seeded random weights."""
-        return RANDOM_WEIGHTS if models.is_offline(self.model) else None
+        """The pipeline for a control type ("none", or one of ``CONTROL_TYPES``) or two of them (:class:`Pipelines`)."""
+        return self._pipelines.get(control_type)
 
     def preload(self) -> "Studio":
-        """Load (and move to the device) every model a request can use, ControlNets and the depth estimator
-        included, so that none loads inside a request: on ZeroGPU a GPU worker would load it again in every
-        new worker, inside the visitor's GPU time. What cannot be loaded is recorded in ``unavailable``
-        (and left out of ``control_types``); a request for it gets that reason."""
-        for control_type in CONTROL_TYPES[1:]:
-            try:
-                if control_type == "depth":
-                    if not depth_available():
-                        raise RuntimeError(f"depth needs its estimator's weights ({DEPTH_ESTIMATOR}), "
-                                           "not available here (offline and not cached)")
-                    load_depth_estimator()
-                elif control_type in controls.DETECTOR_FILES:
-                    load_detector(control_type, self.detector_weights)
-                self.pipeline(control_type)
-            except RuntimeError as error:
-                logger.warning("ControlNet %r unavailable: %s", control_type, error)
-                self.unavailable[control_type] = str(error)
-        try:  # two controls: the union model (any two types that load)
-            self.pipeline([t for t in CONTROL_TYPES[1:] if t not in self.unavailable][:2])
-        except (RuntimeError, ValueError) as error:
-            logger.warning("two controls unavailable: %s", error)
-            self.unavailable["union"] = str(error)
+        """Load every model a request can use (:meth:`Pipelines.preload`); what cannot be loaded is recorded in
+        ``unavailable`` and left out of ``control_types``."""
+        self._pipelines.preload()
         return self
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Control types (and "union") that cannot be loaded here, with the reason."""
+        return self._pipelines.unavailable
 
     @property
     def control_types(self) -> list[str]:
         """The control types a request may use here ("none" first)."""
-        return [c for c in CONTROL_TYPES if c not in self.unavailable]
+        return self._pipelines.control_types
 
-    def _load(self, key: str) -> StableDiffusionXLSEGPipeline:
-        if key == "none":
-            pipe = load_pipeline(self.model, device=self.device)
-            if self.compile:  # the ControlNet pipelines share this UNet
-                pipe.compile()
-        else:
-            # Share the base pipeline's components: a second SDXL copy would double the memory.
-            pipe = with_controlnet(self._pipes["none"], UNION if key == "union" else key,
-                                   random_controlnet=models.is_offline(self.model))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+    @property
+    def detector_weights(self) -> str | None:
+        return self._pipelines.detector_weights
+
+    @property
+    def _pipes(self) -> dict[str, StableDiffusionXLSEGPipeline]:
+        return self._pipelines.loaded
 
     # ---- inputs -----------------------------------------------------------------------------------
 
@@ -410,17 +353,6 @@ class Studio:
                            sum(r.unet_evaluations for r in runs))
         return runs
 
-    @contextmanager
-    def _out_of_memory_as_error(self, pipe, settings: Settings):
-        try:
-            yield
-        except torch.OutOfMemoryError as error:
-            release_memory()
-            raise OutOfMemory(
-                f"the {pipe.device.type} device ran out of memory at {settings.width}x{settings.height} "
-                f"({settings.method}, {settings.steps} steps); try a smaller size, or again later"
-            ) from error
-
     def sweep(self, settings: Settings, sigmas: Sequence, row_axis: str | None = None, row_values: Sequence = (),
               control_image: Image.Image | None = None, progress: Progress | None = None,
               should_stop: Callable[[], bool] | None = None, control_image_2=None) -> tuple[Sweep, Image.Image | None]:
@@ -517,7 +449,7 @@ class Studio:
         steps.check()  # a request cancelled while it waited for the model does not start
         # An exception anywhere in here leaves the model clean: the pipeline restores its attention
         # processors and down-block hooks in `finally`.
-        with UNetCounter(pipe.unet) as counter, self._out_of_memory_as_error(pipe, settings):
+        with UNetCounter(pipe.unet) as counter, out_of_memory_as_error(pipe, settings):
             start = time.perf_counter()
             result = render(pipe, on_step_end)
             if pipe.device.type == "cuda":
