@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .options import CONTROL_TYPES, OPTIONS  # noqa: F401 (CONTROL_TYPES re-exported)
+
 logger = logging.getLogger(__name__)
 
 #: lllyasviel's annotator weights, the files controlnet-aux downloads by default.
@@ -32,32 +34,33 @@ DETECTOR_FILES = {
     "softedge": ("ControlNetHED.pth",),
     "openpose": ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
 }
-MIN_DETECT_RESOLUTION, MAX_DETECT_RESOLUTION = 64, 2048
 #: ``weights_dir`` for the small offline models: the detectors keep random (seeded) weights, as their
 #: ControlNets do; the maps are noise, but every code path runs without downloads.
 RANDOM_WEIGHTS = "random"
 
 
+#: Each knob of :class:`Detection` and the option (seg_core.options) that holds its default and range.
+_KNOBS = {"preprocess": "control_preprocess", "detect_resolution": "detect_resolution",
+          "low_threshold": "canny_low_threshold", "high_threshold": "canny_high_threshold",
+          "hands": "openpose_hands", "face": "openpose_face"}
+_KNOB_OPTIONS = {knob: OPTIONS[name].renamed(knob, OPTIONS[name].label) for knob, name in _KNOBS.items()}
+
+
 @dataclass(frozen=True)
 class Detection:
-    """How to detect a control map: the knobs people use in ControlNet demos, with their ranges."""
+    """How to detect a control map: the knobs people use in ControlNet demos, with their options' defaults and
+    ranges (seg_core.options.DETECTION)."""
 
-    preprocess: bool = True  # False: the image is already a control map ("none" preprocessor)
-    detect_resolution: int = 512  # the detector's input, shorter side, pixels
-    low_threshold: int = 100  # canny
-    high_threshold: int = 200  # canny
-    hands: bool = False  # openpose
-    face: bool = False  # openpose
+    preprocess: bool = _KNOB_OPTIONS["preprocess"].default  # False: the image is already a control map
+    detect_resolution: int = _KNOB_OPTIONS["detect_resolution"].default  # the detector's input, shorter side
+    low_threshold: int = _KNOB_OPTIONS["low_threshold"].default  # canny
+    high_threshold: int = _KNOB_OPTIONS["high_threshold"].default  # canny
+    hands: bool = _KNOB_OPTIONS["hands"].default  # openpose
+    face: bool = _KNOB_OPTIONS["face"].default  # openpose
 
     def __post_init__(self):
-        res = self.detect_resolution
-        if isinstance(res, bool) or not isinstance(res, int) or not MIN_DETECT_RESOLUTION <= res <= MAX_DETECT_RESOLUTION:
-            raise ValueError(f"detect_resolution must be an integer in [{MIN_DETECT_RESOLUTION}, "
-                             f"{MAX_DETECT_RESOLUTION}], got {res!r}")
-        for name in ("low_threshold", "high_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
-                raise ValueError(f"{name} must be an integer in [0, 255], got {value!r}")
+        for knob, option in _KNOB_OPTIONS.items():
+            object.__setattr__(self, knob, option.check(getattr(self, knob)))  # 512.0 -> 512
         if self.low_threshold > self.high_threshold:
             raise ValueError(f"low_threshold ({self.low_threshold}) must not exceed high_threshold "
                              f"({self.high_threshold})")
@@ -238,10 +241,6 @@ def learned_map(control_type: str, image: Image.Image, detection: Detection = De
     return load_detector(control_type, weights_dir)(
         image.convert("RGB"), detect_resolution=detection.detect_resolution,
         image_resolution=detection.detect_resolution, output_type="pil", **extra)
-
-
-#: Control types, each with its preprocessor.
-CONTROL_TYPES = ("canny", "lineart", "softedge", "depth", "openpose")
 
 
 def control_map(control_type: str, image: Image.Image, detection: Detection = Detection(),

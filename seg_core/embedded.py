@@ -10,50 +10,29 @@ It loads through the ordinary loading code (``from_pretrained`` of a local folde
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .shapes import CAPTIONS, IMAGE_SIZE, ShapeClassifier
 from .tiny import byte_level_tokenizer, small_text_config
+from .models import ASSETS_DIR, EMBEDDED, EMBEDDED_DESCRIPTION, EMBEDDED_DIR  # noqa: F401 (re-exported)
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-#: The saved pipeline (model_index.json and safetensors weights).
-EMBEDDED_DIR = ASSETS_DIR / "embedded"
 #: The judge of the evaluation and the tests: a small CNN trained on held-out images of the set.
 CLASSIFIER_PATH = ASSETS_DIR / "embedded_classifier.safetensors"
-
 #: What the app's banner says when this model is loaded.
-DESCRIPTION = (
-    "Embedded model: a small SDXL-architecture model (UNet, VAE, two CLIP text encoders) trained on "
-    f"the offline 'coloured shapes' set; {IMAGE_SIZE}x{IMAGE_SIZE} px only; it knows prompts like "
-    "'a red triangle on a blue background' (3 shapes, 6 colours, 5 backgrounds), not general text."
-)
+DESCRIPTION = f"Embedded model: {EMBEDDED_DESCRIPTION}"
 #: Every prompt the model was trained on (plus "" for unconditional generation).
 PROMPTS: tuple[str, ...] = CAPTIONS
 #: Width and height the model was trained at.
 SIZE = IMAGE_SIZE
-#: Denoising steps that suffice (Euler).
-DEFAULT_STEPS = 20
-
-# The demo's defaults on this model, from the scale sweep (README, "Scales as curves"; every point in
-# assets/scale_sweep.json), not from SDXL: each method at the scale with the lowest unconditional plus
-# conditional Frechet distance.
-#: CFG scale: the lowest FD of the CFG sweep over 1.5-7 (10.65; prompt accuracy 37%, 17% without CFG).
-GUIDANCE_SCALE = 5.0
-#: SEG scale, with sigma infinite: FD 23.5 -> 15.7 unconditional, 18.0 -> 13.3 from captions (the
-#: authors' 3.0 gives 23.5 and 25.5 here).
-SEG_SCALE = 1.0
-#: PAG scale: 0.5 is its least harmful (it never beat vanilla sampling in the sweep).
-PAG_SCALE = 0.5
-#: SAG scale: small gains that grow with the scale up to 3 (FD 23.5 -> 21.8 unconditional).
-SAG_SCALE = 3.0
-#: The demo's example prompts. The first: at seed 0 with the defaults above, CFG alone draws a broken
-#: purple outline that the classifier reads as a triangle, CFG + SEG a filled purple square on blue
-#: (tests/test_evaluation.py). On average SEG does not improve on CFG on this model (README).
-EXAMPLE_PROMPTS: tuple[str, ...] = ("a purple square on a blue background",) + CAPTIONS[7::7]
+# The demo's defaults on this model: its profile (seg_core.models, which says where each comes from).
+DEFAULT_STEPS = EMBEDDED.steps
+GUIDANCE_SCALE = EMBEDDED.guidance_scale
+SEG_SCALE = EMBEDDED.seg_scale
+PAG_SCALE = EMBEDDED.pag_scale
+SAG_SCALE = EMBEDDED.sag_scale
+EXAMPLE_PROMPTS: tuple[str, ...] = EMBEDDED.prompts
 LATENT_SIZE = IMAGE_SIZE // 2  # the VAE downsamples 2x
 
 

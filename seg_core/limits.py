@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import MAX_STEPS, is_number
+
 #: How far past its training sizes (in area) a model may be asked to go.
 TRAINED_AREA_FACTOR = 4
 #: Live feature maps per UNet / VAE level at the peak of a forward pass (input, normalised, convolved,
@@ -168,3 +170,58 @@ class ModelLimits:
 def _side(pixels: int) -> str:
     side = math.isqrt(pixels)
     return f"{side}x{side}" if side * side == pixels else f"{pixels} px"
+
+
+# --------------------------------------------------------------------------------------------------
+# What the operator allows one request
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; the operator sets these (app.py flags). Defaults suit a shared GPU."""
+
+    max_pixels: int = 2048 * 2048  # width x height of one image
+    max_steps: int = 150  # denoising steps of one image
+    max_prompt_chars: int = 1000  # per prompt (CLIP reads the first 77 tokens anyway)
+    max_upload_mb: float = 10.0  # control image file size
+    max_image_side: int = 4096  # control image sides after decoding (and at most max_image_side^2 pixels)
+    max_sweep_images: int = 64  # images in one sweep
+    max_layer_names: int = 32  # entries in seg_applied_layers
+    max_body_mb: float | None = None  # one HTTP request body; None: room for a base64 upload at the limit
+    memory_budget_gb: float = 8.0  # one request's activations (weights not counted); see seg_core.limits
+    max_images: int = 4  # images of one Generate request (seeds seed, seed + 1, ...), where the device allows
+
+    def __post_init__(self):
+        for name in ("max_pixels", "max_steps", "max_prompt_chars", "max_image_side", "max_sweep_images",
+                     "max_layer_names", "max_images"):
+            value = getattr(self, name)
+            if not (is_number(value) and isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (is_number(self.max_upload_mb) and math.isfinite(self.max_upload_mb)
+                and self.max_upload_mb > 0):
+            raise ValueError(f"max_upload_mb must be a positive number, got {self.max_upload_mb!r}")
+        if not (is_number(self.memory_budget_gb) and 0 < self.memory_budget_gb < math.inf):
+            raise ValueError(f"memory_budget_gb must be a positive number, got {self.memory_budget_gb!r}")
+        if self.max_body_mb is not None and not (is_number(self.max_body_mb)
+                                                 and self.max_upload_mb < self.max_body_mb < math.inf):
+            raise ValueError(f"max_body_mb must be a number above max_upload_mb ({self.max_upload_mb:g}), "
+                             f"got {self.max_body_mb!r}")
+        if self.max_pixels < 64:
+            raise ValueError(f"max_pixels must be at least 64 (8x8), got {self.max_pixels}")
+        if self.max_steps > MAX_STEPS:
+            raise ValueError(f"max_steps must be at most {MAX_STEPS} (the pipeline's limit), got {self.max_steps}")
+        if self.max_image_side < 8:
+            raise ValueError(f"max_image_side must be at least 8, got {self.max_image_side}")
+
+    @property
+    def highs(self) -> dict[str, int]:
+        """The options (seg_core.options) this server narrows: their tighter upper bounds."""
+        return {"steps": self.max_steps, "prompt": self.max_prompt_chars, "negative_prompt": self.max_prompt_chars}
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The request body limit: ``max_body_mb``, or an upload at the limit as a base64 data URL + 2 MB."""
+        mb = self.max_body_mb if self.max_body_mb is not None else self.max_upload_mb * 4 / 3 + 2
+        return int(mb * 2**20)
+

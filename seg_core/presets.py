@@ -12,20 +12,13 @@ import torch
 from PIL import Image
 
 from .control import CONTROL_TYPES, DEPTH_ESTIMATOR, Detection, control_map, load_depth_estimator  # noqa: F401
-from .embedded import EMBEDDED_DIR
+from .models import MODELS, OFFLINE_MODELS, SDXL_BASE, is_offline  # noqa: F401 (MODELS, OFFLINE_MODELS re-exported)
 from .pipeline import StableDiffusionXLSEGPipeline
 from .tiny import tiny_controlnet, tiny_sdxl_components, tiny_union_controlnet
 
 logger = logging.getLogger(__name__)
 
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
-
-#: Named models: ``sdxl`` (SDXL base 1.0, the default), ``embedded`` (the small trained model in
-#: assets/embedded, offline) and ``tiny`` (random weights built in code).
-MODELS = {"sdxl": SDXL_BASE, "embedded": str(EMBEDDED_DIR), "tiny": None}
-#: Small offline models: "canny" / "depth" give them a small random (untrained) ControlNet.
-OFFLINE_MODELS = ("embedded", "tiny")
 
 #: xinsir's ControlNet-Union ProMax for SDXL (one net, a control mode per map), loaded by
 #: :func:`load_union_controlnet` from its ProMax files.
@@ -146,7 +139,7 @@ def load_pipeline(
         ).to(runtime.device)
     if controlnet is None:
         return pipe
-    return with_controlnet(pipe, controlnet, random_controlnet=model in OFFLINE_MODELS)
+    return with_controlnet(pipe, controlnet, random_controlnet=is_offline(model))
 
 
 def controlnet_choice(control_types: str | Sequence[str]) -> ControlNetChoice:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from .embedded import ASSETS_DIR
+from .blur import INFINITE_SIGMA_THRESHOLD
+from .models import ASSETS_DIR
 
 PAPER_URL = "https://arxiv.org/abs/2408.00760"
 EXAMPLES_DIR = ASSETS_DIR / "examples"
@@ -50,7 +51,7 @@ Table 2 (text-conditional without CFG, FID: 53.4 unguided, 48.3 with SEG at σ =
 qualitative figures that raise σ at a fixed scale of 3: the Sweep tab draws that grid for your prompt.
 
 **How this implementation was checked.** SEG equals an independent implementation of the paper's rules
-(the authors' clamped kernel as a full 2-D convolution, the σ > 9999 threshold, the
+(the authors' clamped kernel as a full 2-D convolution, the σ > {INFINITE_SIGMA_THRESHOLD:g} threshold, the
 [uncond, cond, perturbed] batch layout, Eq. 10) run inside diffusers' own PAG pipeline, to 1e-10 in float64; PAG
 equals diffusers' `StableDiffusionXLPAGPipeline` (to 1e-10) and SAG its `StableDiffusionSAGPipeline` (1e-5); with every
 scale at 0 the output is bit-identical to `StableDiffusionXLPipeline` (with ControlNet too). The tests

@@ -81,10 +81,10 @@ class Work:
                 f"{self.steps * self.evaluations_per_step} UNet evaluations")
 
 
-def evaluations_per_step(guidance_scale: float, *perturbation_scales: float) -> int:
-    """UNet evaluations (image rows) of one step: 1, or 2 with CFG, plus one per active SEG, PAG or SAG term
-    (Eq. 10's perturbed branch; SAG's re-noised pass)."""
-    return (2 if guidance_scale > 1 else 1) + sum(scale > 0 for scale in perturbation_scales)
+def evaluations_per_step(guidance_scale: float, *perturbation_scales: float, images: int = 1) -> int:
+    """UNet evaluations (image rows) of one step of ``images`` images: 1 per image, or 2 with CFG, plus one
+    per active SEG, PAG or SAG term (Eq. 10's perturbed branch; SAG's re-noised pass)."""
+    return images * (2 if guidance_scale > 1 else 1) + sum(scale > 0 for scale in perturbation_scales)
 
 
 def max_request_seconds() -> float:
