@@ -188,7 +188,7 @@ class Handlers:
     def generate(self, values: dict, progress):
         """One image with SEG (and PAG / SAG if their scales are > 0). Returns the PNG (its metadata holds
         every setting) and a JSON summary (seed used, time, UNet evaluations). seed -1: random;
-        seg_blur_sigma: a number, or "inf" (values > 9999 are infinite too)."""
+        seg_blur_sigma: a number, or "inf" (infinite: every query the mean query)."""
         _, runs, _ = self._generate(values, progress)
         return runs[0].path, runs[0].info()
 

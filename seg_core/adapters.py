@@ -29,6 +29,8 @@ from typing import Iterator, Mapping
 
 from PIL import Image
 
+from .options import is_number
+
 #: Adapter names become module keys inside the UNet (peft), so no dots.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -107,7 +109,7 @@ class AdapterConfig:
 
 def _check_in_range(what: str, value, bounds: tuple[float, float], also: str = "") -> None:
     low, high = bounds
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    if not is_number(value) or not low <= value <= high:
         raise ValueError(f"{what} must be {also}a number in [{low}, {high}], got {value!r}")
 
 
