@@ -160,3 +160,30 @@ def test_the_page_offers_the_adapters_and_names_their_licenses(adapters_json):
     assert type(by_id["ip-adapter-image"]).__name__ == "ControlImage"
     assert "LoRA `glaze`: random weights (tests)" in by_id["adapter-licenses"].value
     assert "adapters" not in {block.elem_id for block in running_demo()[0].blocks.values()}
+    import inspect
+
+    for fn in demo.fns.values():  # every request of the page reads the panel (Handlers.settings converts it)
+        if getattr(fn.fn, "__name__", "") in ("ui_generate", "ui_compare", "ui_sweep"):
+            assert {"lora", "lora_weight", "ip_adapter_image", "ip_adapter_strength"} <= set(
+                inspect.signature(fn.fn).parameters), fn.fn.__name__
+
+
+def test_the_pages_lora_choice_and_strength_become_the_requests_adapters(studio):
+    from app import Handlers
+
+    handlers = Handlers(studio)
+    page = dict(prompt="", seed=1, lora="glaze", lora_weight=0.3, ip_adapter_image=None, ip_adapter_strength=0.5)
+    settings = handlers.settings(page)  # (the strength counts only with an image prompt)
+    assert (settings.loras, settings.ip_adapter_scale) == ({"glaze": 0.3}, 0.0)
+    settings = handlers.settings({**page, "lora": "none", "ip_adapter_image": IMAGE})
+    assert (settings.loras, settings.ip_adapter_scale) == ({}, 0.5)
+
+
+def test_compare_in_one_loop_gives_the_separate_runs_with_an_image_prompt_and_a_lora(studio):
+    settings = studio.settings(**REQUEST, loras={"ink": 1.0}, ip_adapter_image=IMAGE, ip_adapter_scale=0.6)
+    separate, _ = studio.compare(settings)
+    together, _ = studio.compare(settings, one_loop=True)
+    plain, _ = studio.compare(studio.settings(**REQUEST))
+    for one, other, without in zip(separate, together, plain):
+        assert np.abs(pixels(one.image).astype(int) - pixels(other.image)).max() <= 1, one.label  # float rounding
+        assert not np.array_equal(pixels(one.image), pixels(without.image)), one.label
