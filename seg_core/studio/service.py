@@ -464,8 +464,9 @@ class Studio:
         return run
 
     def _timed(self, settings: Settings, steps: StepCounter, label: str, images: int, render: Callable):
-        """``render(pipe, on_step_end, adapter_kwargs)`` on the request's pipeline with its adapters on, timed and its UNet evaluations counted:
-        (its result, seconds, evaluations). Each denoising step advances ``steps`` once per image rendered."""
+        """``render(pipe, on_step_end, adapter_kwargs)`` on the request's pipeline with its adapters on, timed and
+        its UNet evaluations counted: (its result, seconds, evaluations). Each denoising step advances ``steps``
+        once per image rendered."""
         pipe = self.pipeline(settings.control_types or "none")
 
         def on_step_end(pipe, i, t, tensors):
