@@ -27,7 +27,8 @@ from starlette.middleware import Middleware
 
 from seg_core.control import Detection
 from seg_core.guard import RequestGuard
-from seg_core.options import COMPARE_AND_SWEEP, DETECTION, MAX_SEED, OPTIONS, SWEEP_AXES
+from seg_core.adapters import AdapterConfig, read_adapter_config
+from seg_core.options import ADAPTERS, COMPARE_AND_SWEEP, DETECTION, MAX_SEED, OPTIONS, SWEEP_AXES
 from seg_core.presets import model_for_hardware
 from seg_core.space import ABOUT, CITATION, LICENSE_NOTE, PAPER_URL, duplicate_hint, example_rows, rendered_examples
 from seg_core.studio import Limits, Settings, Studio, format_sigma, parse_sigma, parse_values
@@ -59,7 +60,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 QUEUE_SIZE = 16  # requests waiting; more are refused with "queue is full"
 
 #: Every option a widget or an API parameter sets, by name.
-ALL = {**OPTIONS, **COMPARE_AND_SWEEP}
+ALL = {**OPTIONS, **COMPARE_AND_SWEEP, **ADAPTERS}
 SETTINGS_FIELDS = {field.name for field in dataclasses.fields(Settings)}
 
 #: The API's parameters (a client may pass them by position: never reorder), named as seg_core.options names
@@ -71,6 +72,7 @@ PARAMETERS = (
     "control_guidance_end", "control_preprocess", "detect_resolution", "canny_low_threshold", "canny_high_threshold",
     "openpose_hands", "openpose_face", "control_type_2", "control_image_2", "controlnet_conditioning_scale_2",
     "control_guidance_start_2", "control_guidance_end_2", "control_preprocess_2",
+    "loras", "ip_adapter_image", "ip_adapter_scale",
 )
 
 
@@ -146,6 +148,12 @@ class Handlers:
             values["seg_blur_sigma"] = sigma_from_ui(values.pop("log2_sigma"), values.pop("infinite_sigma"))
         if values.pop("randomize_seed", False):
             values["seed"] = -1
+        if "lora" in values:  # the page's one LoRA choice and its weight
+            name, weight = values.pop("lora"), values.pop("lora_weight")
+            values["loras"] = {} if name in (None, "none") else {name: weight}
+        if "ip_adapter_strength" in values:  # the page's strength counts only with an image prompt
+            strength = values.pop("ip_adapter_strength")
+            values["ip_adapter_scale"] = None if values.get("ip_adapter_image") is None else strength
         return self.studio.settings(**{name: value for name, value in values.items() if name in SETTINGS_FIELDS})
 
     def compare_request(self, values: dict):
@@ -279,7 +287,8 @@ def show_pair(paths: dict, left_label: str, right_label: str):
 
 
 def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | None = None,
-               limits: Limits | None = None, queue_size: int = QUEUE_SIZE, compile: bool = False) -> gr.Blocks:
+               limits: Limits | None = None, queue_size: int = QUEUE_SIZE, compile: bool = False,
+               adapters: AdapterConfig | None = None) -> gr.Blocks:
     """The demo on ``model`` ("auto": SDXL with a GPU, else the embedded model; "sdxl", "embedded", "tiny",
     a Hub id or a folder); when it cannot be loaded, the embedded model (or tiny, without its weights) with a
     banner. Every model a request can use is loaded here, before ``launch()``.
@@ -288,6 +297,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     refused. Launch with ``demo.launch(**demo.launch_options, ...)`` to apply the upload and body size limits
     and the request guard (seg_core.guard).
     Only the operator picks the model: no request can name one. ``compile``: torch.compile the UNet.
+    ``adapters``: the operator's LoRAs and IP-Adapter (seg_core.adapters), offered in an "Adapters" panel.
     """
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
@@ -296,7 +306,8 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
         model, notice = model_for_hardware()
         if notice:
             logger.warning(re.sub(r"[*`]", "", notice))
-    studio = (studio or Studio(model, device=device, limits=limits, notice=notice, compile=compile)).preload()  # before launch()
+    studio = (studio or Studio(model, device=device, limits=limits, notice=notice, compile=compile,
+                                adapters=adapters)).preload()  # before launch()
     handlers, inputs, shown = Handlers(studio), Widgets(), Widgets()
     rendered = rendered_examples(studio.model)  # outputs rendered ahead (scripts/render_examples.py)
     with gr.Blocks(title="Smoothed Energy Guidance (SDXL)", delete_cache=(3600, 7200)) as demo:
@@ -307,7 +318,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
             with gr.Column(scale=3, min_width=340, elem_id="outputs"):
                 result_tabs(studio, inputs, shown, rendered[0] if rendered else None)
         examples(studio, inputs, rendered)
-        about()
+        about(studio)
         wire_requests(handlers, inputs, shown)
         wire_page(handlers, inputs, shown)
         api_endpoints(handlers, studio)
@@ -364,6 +375,9 @@ def settings_panel(studio: Studio, inputs: Widgets, shown: Widgets, first: dict 
         advanced(studio, inputs)
     with gr.Accordion("ControlNet", open=False):
         control_panel(studio, inputs, shown)
+    if studio.adapters is not None:
+        with gr.Accordion("Adapters", open=False, elem_id="adapters"):
+            adapter_panel(studio.adapters, inputs, studio.limits.max_upload_mb)
 
 
 def advanced(studio: Studio, inputs: Widgets) -> None:
@@ -403,6 +417,49 @@ def control_panel(studio: Studio, inputs: Widgets, shown: Widgets) -> None:
         inputs.option(ALL["control_type_2"], choices=choices, info=None, elem_id="control-type-2")
         control_images(inputs, shown, "_2", studio.limits.max_upload_mb)
         control_strength(inputs, "_2")
+
+
+def adapter_panel(config: AdapterConfig, inputs: Widgets, max_upload_mb: float) -> None:
+    """The operator's adapters: one LoRA and its weight, an image prompt and its strength."""
+    if config.loras:
+        choices = [("none", "none")] + [(lora_label(spec), name) for name, spec in config.loras.items()]
+        first = next(iter(config.loras.values()))
+        with gr.Row():
+            lora = inputs.add("lora", gr.Dropdown(choices, value="none", label=ADAPTERS["loras"].label,
+                                                  elem_id="lora"))
+            weight = inputs.add("lora_weight", gr.Slider(*first.weight_range, value=first.default_weight, step=0.05,
+                                                         label="LoRA weight", elem_id="lora-weight"))
+        lora.change(lambda name: lora_weight_slider(config, name), lora, weight, api_visibility="private",
+                    queue=False)
+    if config.ip_adapter is not None:
+        spec = config.ip_adapter
+        inputs.add("ip_adapter_image", ControlImage(label="Image prompt (IP-Adapter)", sources=["upload", "clipboard"],
+                                                    height=200, elem_id="ip-adapter-image",
+                                                    max_upload_mb=max_upload_mb))
+        inputs.add("ip_adapter_strength", gr.Slider(*spec.scale_range, value=spec.default_scale, step=0.05,
+                                                    label=ADAPTERS["ip_adapter_scale"].label,
+                                                    elem_id="ip-adapter-scale"))
+
+
+def lora_label(spec) -> str:
+    trigger = f", trigger “{spec.trigger}”" if spec.trigger else ""
+    return f"{spec.name}{trigger} ({spec.license})"
+
+
+def lora_weight_slider(config: AdapterConfig, name: str):
+    """The weight slider over the chosen LoRA's range, at its default weight."""
+    spec = config.loras.get(name)
+    if spec is None:
+        return gr.update()
+    return gr.update(minimum=spec.weight_range[0], maximum=spec.weight_range[1], value=spec.default_weight)
+
+
+def adapter_licenses(config: AdapterConfig) -> str:
+    """The About text naming each adapter this server offers and its license."""
+    lines = [f"- LoRA `{name}`: {spec.license}" for name, spec in config.loras.items()]
+    if config.ip_adapter is not None:
+        lines.append(f"- IP-Adapter (`{config.ip_adapter.source}`): {config.ip_adapter.license}")
+    return "**Adapters on this server** (chosen by its operator), and their licenses:\n\n" + "\n".join(lines)
 
 
 def control_images(inputs: Widgets, shown: Widgets, suffix: str, max_upload_mb: float) -> None:
@@ -502,11 +559,13 @@ def examples(studio: Studio, inputs: Widgets, rendered: list[dict]) -> None:
             preview.render()
 
 
-def about() -> None:
+def about(studio: Studio) -> None:
     with gr.Accordion("About SEG, the methods compared, and this demo", open=False, elem_id="about"):
         gr.Markdown(ABOUT)
         gr.Code(CITATION, label="Cite (BibTeX): SEG, and PAG and SAG if you compare with them", interactive=False)
         gr.Markdown(LICENSE_NOTE)
+        if studio.adapters is not None:
+            gr.Markdown(adapter_licenses(studio.adapters), elem_id="adapter-licenses")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,6 +639,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (faster steps; the first request at each size and set of "
                              "methods waits for compilation)")
+    parser.add_argument("--adapters", default=os.environ.get("SEG_ADAPTERS") or None, metavar="PATH.json",
+                        help="the LoRAs and IP-Adapter requests may choose (README.md, Adapters; $SEG_ADAPTERS)")
     defaults = Limits()
     limit = parser.add_argument_group("limits (what one request may ask for; see README.md, Limits)")
     limit.add_argument("--max-pixels", type=int, default=_env("SEG_MAX_PIXELS", int, defaults.max_pixels),
@@ -610,9 +671,11 @@ def main(argv: list[str] | None = None) -> None:
                         max_body_mb=args.max_body_mb, memory_budget_gb=args.memory_budget_gb)
         if args.queue_size < 1:
             raise ValueError(f"queue_size must be a positive integer, got {args.queue_size}")
-    except ValueError as error:
+        adapters = read_adapter_config(args.adapters) if args.adapters else None
+    except (ValueError, OSError) as error:
         parser.error(str(error))
-    demo = build_demo(args.model, device=args.device, limits=limits, queue_size=args.queue_size, compile=args.compile)
+    demo = build_demo(args.model, device=args.device, limits=limits, queue_size=args.queue_size, compile=args.compile,
+                      adapters=adapters)
     # share=None, not False: without --share, $GRADIO_SHARE decides (Gradio ignores share on a Space)
     demo.launch(server_name=args.host, server_port=args.port, share=True if args.share else None,
                 **demo.launch_options)

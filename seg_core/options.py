@@ -338,3 +338,16 @@ COMPARE_AND_SWEEP = _options(
     Option("second_axis_values", "", "Sweep: the second axis' values, comma-separated (e.g. 1, 3, 5).", kind="text",
            label="Second axis values"),
 )
+
+# --------------------------------------------------------------------------------------------------
+# Added by issue 13 (adapters): the operator's LoRAs and IP-Adapter chosen per request (seg_core.adapters).
+# Their ranges are the operator's (adapters.json), so AdapterConfig.check owns the rule, not Option.check.
+# --------------------------------------------------------------------------------------------------
+
+ADAPTERS = _options(
+    Option("loras", {}, "the LoRAs to apply, a JSON object of configured names and weights (e.g. {\"ink\": "
+           "0.8}); each weight within its LoRA's range; {}: none.", kind="loras", label="LoRA"),
+    Option("ip_adapter_scale", None, "how strongly the image prompt (ip_adapter_image) steers, within the "
+           "IP-Adapter's range; 0: off; left out: its default with an image prompt, else 0.",
+           label="Image prompt strength"),
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -198,7 +199,7 @@ def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str | Sequen
     else:
         choice = controlnet_choice(controlnet) if known else ControlNetChoice(controlnet, "?")
     if random_controlnet and known:
-        net = (tiny_union_controlnet if choice.is_union else tiny_controlnet)(unet).to(unet.device)
+        net = (tiny_union_controlnet if choice.is_union else tiny_controlnet)(_without_adapters(unet)).to(unet.device)
         if net.dtype != unet.dtype:
             net = net.to(dtype=unet.dtype)
     else:
@@ -222,6 +223,22 @@ def with_controlnet(pipe: StableDiffusionXLSEGPipeline, controlnet: str | Sequen
     )
     derived.share_down_blocks = pipe.share_down_blocks
     return derived
+
+
+def _without_adapters(unet):
+    """``unet`` without the LoRA layers and IP-Adapter that seg_core.adapters loads (a copy; ``unet`` itself
+    when it has none): a random ControlNet copies the UNet's plain config and weights."""
+    ip_adapter = unet.config.encoder_hid_dim_type == "ip_image_proj"
+    if not getattr(unet, "peft_config", None) and not ip_adapter:
+        return unet
+    plain = copy.deepcopy(unet)
+    if getattr(plain, "peft_config", None):
+        plain.unload_lora()
+    if ip_adapter:
+        plain.encoder_hid_proj = None
+        plain.register_to_config(encoder_hid_dim_type=None)
+        plain.set_default_attn_processor()
+    return plain
 
 
 def load_union_controlnet(repo: str = UNION, dtype: torch.dtype = torch.float32):

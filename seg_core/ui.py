@@ -89,6 +89,8 @@ def api_widget(option: Option | None, value, max_upload_mb: float) -> gr.Compone
         return gr.Textbox(format_sigma(value))
     if option.kind == "layers":
         return gr.Dropdown(LAYER_CHOICES, value=list(value), multiselect=True, allow_custom_value=True)
+    if option.kind == "loras":
+        return gr.JSON(value)
     return gr.Textbox(value)
 
 

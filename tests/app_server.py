@@ -17,12 +17,14 @@ def free_port() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def running_demo(limits=None, queue_size=16):
+def running_demo(limits=None, queue_size=16, adapters=None):
     """(demo, url): the app on the tiny model, served from a thread until the process ends; one server per
-    distinct (limits, queue_size)."""
+    distinct (limits, queue_size, adapters: the path of an adapters.json)."""
     from app import build_demo
+    from seg_core.adapters import read_adapter_config
 
-    demo = build_demo("tiny", limits=limits, queue_size=queue_size)
+    config = read_adapter_config(adapters) if adapters else None
+    demo = build_demo("tiny", limits=limits, queue_size=queue_size, adapters=config)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                 **demo.launch_options)
     return demo, demo.local_url

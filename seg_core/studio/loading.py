@@ -9,6 +9,7 @@ from typing import Sequence
 
 from .. import control as controls
 from .. import models
+from ..adapters import AdapterConfig, load_adapters
 from ..control import RANDOM_WEIGHTS, load_detector
 from ..options import CONTROL
 from ..pipeline import StableDiffusionXLSEGPipeline
@@ -35,10 +36,13 @@ class Pipelines:
         model: "sdxl", "embedded", "tiny", or an SDXL Hub id or local folder.
         device: torch device (by default CUDA, else MPS, else CPU).
         compile: compile the UNet (regional); the ControlNet pipelines share it.
+        adapters: the operator's LoRAs and IP-Adapter, loaded onto the base pipeline (so the ControlNet
+            pipelines, which share its components, have them too).
     """
 
-    def __init__(self, model: str, device: str | None = None, compile: bool = False):
-        self.model, self.device, self.compile = model, device, compile
+    def __init__(self, model: str, device: str | None = None, compile: bool = False,
+                 adapters: AdapterConfig | None = None):
+        self.model, self.device, self.compile, self.adapters = model, device, compile, adapters
         self.loaded: dict[str, StableDiffusionXLSEGPipeline] = {}
         self.unavailable: dict[str, str] = {}  # control type -> why it cannot be loaded here
         self._lock = threading.Lock()
@@ -102,6 +106,8 @@ class Pipelines:
     def _load(self, key: str) -> StableDiffusionXLSEGPipeline:
         if key == "none":
             pipe = load_pipeline(self.model, device=self.device)
+            if self.adapters is not None:  # before compiling, and before any ControlNet pipeline shares the UNet
+                load_adapters(pipe, self.adapters)
             if self.compile:  # the ControlNet pipelines share this UNet
                 pipe.compile()
         else:

@@ -3,7 +3,9 @@ or sweep."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -17,6 +19,7 @@ from PIL import Image, ImageOps
 
 from .. import control as controls
 from .. import models
+from ..adapters import AdapterChoice, AdapterConfig, applied_adapters
 from ..attention import resolve_layers
 from ..compare import side_by_side
 from ..control import Detection
@@ -69,12 +72,17 @@ class Studio:
         notice: Markdown shown first in the banner (e.g. why this model was chosen).
         compile: compile the UNet (``StableDiffusionXLSEGPipeline.compile()``, regional); the first request
             at each size and set of methods then waits for its compilation.
+        adapters: the operator's LoRAs and IP-Adapter (seg_core.adapters, :func:`read_adapter_config`), loaded
+            once and chosen per request; None: none (a request naming one is refused).
     """
 
     def __init__(self, model: str = "sdxl", device: str | None = None, fallback: str | None = DEFAULT_FALLBACK,
                  output_dir: str | None = None, limits: Limits | None = None, notice: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, adapters: AdapterConfig | None = None):
         self.requested_model = model
+        self.adapters = adapters
+        if compile and adapters is not None:
+            logger.warning("--compile with adapters: every new LoRA weight a request chooses recompiles the UNet")
         self.notice = notice
         self.limits = limits or Limits()
         self.load_error: str | None = None
@@ -82,14 +90,14 @@ class Studio:
         os.makedirs(self.output_dir, exist_ok=True)
         self._model_limits: ModelLimits | None = None
         try:
-            self._pipelines = Pipelines(model, device, compile)
+            self._pipelines = Pipelines(model, device, compile, adapters)
             self._pipelines.get("none")
         except Exception as error:  # no network, no cached weights, a bad id ...
             if fallback is None or model == fallback:
                 raise
             self.load_error = _short_error(error)
             logger.warning("could not load %s (%s); starting on %r", model, self.load_error, fallback)
-            self._pipelines = Pipelines(fallback, device, compile)
+            self._pipelines = Pipelines(fallback, device, compile, adapters)
             self._pipelines.get("none")
         self.model = self._pipelines.model
 
@@ -206,11 +214,28 @@ class Studio:
     def settings(self, **values) -> Settings:
         """Settings from keyword arguments, THE check of a request: each value once, with its option's rule
         and this server's limits (a value left out or None: :attr:`defaults`); ValueError naming the value."""
+        adapters = {name: values.pop(name, None) for name in ("loras", "ip_adapter_image", "ip_adapter_scale")}
         settings = check_settings(values, self.defaults, self.limits.highs)
         self.check_layers(settings.seg_applied_layers)
         settings.model = self.model_id
+        self.choose_adapters(settings, **adapters)
         self.check_budget(settings)
         return settings
+
+    def choose_adapters(self, settings: Settings, loras=None, ip_adapter_image=None, ip_adapter_scale=None) -> None:
+        """Set ``settings``' adapters to a request's choice, checked once with the operator's AdapterConfig
+        (seg_core.adapters): configured LoRA names with weights in their ranges, an image prompt (decoded
+        as a control image is, :func:`load_control_image`) at a scale in the IP-Adapter's range (left out:
+        its default with an image, else 0). Without a config any choice but none is refused."""
+        config = self.adapters or AdapterConfig()
+        image = None if ip_adapter_image is None else load_control_image(ip_adapter_image, self.limits)
+        if ip_adapter_scale is None:
+            ip_adapter_scale = config.ip_adapter.default_scale if image is not None and config.ip_adapter else 0.0
+        choice = AdapterChoice({} if loras is None else loras, image, ip_adapter_scale)
+        config.check(choice)
+        settings.loras, settings.ip_adapter_image = dict(choice.loras), image
+        settings.ip_adapter_scale = float(ip_adapter_scale)
+        settings.ip_adapter_image_sha256 = None if image is None else hashlib.sha256(image.tobytes()).hexdigest()[:16]
 
     def check_layers(self, layers: list[str]) -> None:
         """ValueError unless ``layers`` are few, short and name attention layers of this model's UNet."""
@@ -338,8 +363,9 @@ class Studio:
             kwargs["image"] = control
         images, seconds, counted = self._timed(
             settings, steps, "all four in one loop", len(variants),
-            lambda pipe, on_step_end: side_by_side(pipe, method_sets, seed=settings.seed, output_type="pil",
-                                                   callback_on_step_end=on_step_end, **kwargs))
+            lambda pipe, on_step_end, adapter_kwargs: side_by_side(
+                pipe, method_sets, seed=settings.seed, output_type="pil", callback_on_step_end=on_step_end,
+                **kwargs, **adapter_kwargs))
         runs = []
         for (label, _), run_settings, methods, image in zip(variants, each, method_sets, images):
             # Each image's UNet evaluations: what it would cost alone (its rows of the batched calls).
@@ -429,16 +455,18 @@ class Studio:
         generator = torch.Generator().manual_seed(settings.seed)  # CPU: the same noise on any device
         image, seconds, evaluations = self._timed(
             settings, steps, label, 1,
-            lambda pipe, on_step_end: pipe(**settings.pipeline_kwargs(), **extra, generator=generator,
-                                           output_type="pil", callback_on_step_end=on_step_end).images[0])
+            lambda pipe, on_step_end, adapter_kwargs: pipe(
+                **settings.pipeline_kwargs(), **extra, **adapter_kwargs, generator=generator, output_type="pil",
+                callback_on_step_end=on_step_end).images[0])
         run = Run(label, settings, image, seconds, evaluations)
         if save:
             self._saved(run, {"seconds": round(seconds, 3), "unet_evaluations": evaluations})
         return run
 
     def _timed(self, settings: Settings, steps: StepCounter, label: str, images: int, render: Callable):
-        """``render(pipe, on_step_end)`` on the request's pipeline, timed and its UNet evaluations counted:
-        (its result, seconds, evaluations). Each denoising step advances ``steps`` once per image rendered."""
+        """``render(pipe, on_step_end, adapter_kwargs)`` on the request's pipeline with its adapters on, timed and
+        its UNet evaluations counted: (its result, seconds, evaluations). Each denoising step advances ``steps``
+        once per image rendered."""
         pipe = self.pipeline(settings.control_types or "none")
 
         def on_step_end(pipe, i, t, tensors):
@@ -449,13 +477,21 @@ class Studio:
         steps.check()  # a request cancelled while it waited for the model does not start
         # An exception anywhere in here leaves the model clean: the pipeline restores its attention
         # processors and down-block hooks in `finally`.
-        with UNetCounter(pipe.unet) as counter, out_of_memory_as_error(pipe, settings):
+        with UNetCounter(pipe.unet) as counter, out_of_memory_as_error(pipe, settings), \
+                self._adapters(pipe, settings) as adapter_kwargs:
             start = time.perf_counter()
-            result = render(pipe, on_step_end)
+            result = render(pipe, on_step_end, adapter_kwargs)
             if pipe.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         return result, seconds, counter.evaluations
+
+    def _adapters(self, pipe, settings: Settings):
+        """The request's adapters on for the calls inside (in the model lock: their state is the shared
+        UNet's), yielding what each call adds (seg_core.adapters.applied_adapters); nothing without a config."""
+        if self.adapters is None:
+            return contextlib.nullcontext({})
+        return applied_adapters(pipe, self.adapters, settings.adapter_choice())
 
     def _saved(self, run: Run, extra: dict) -> Run:
         """``run`` with its image written to a PNG carrying its settings and ``extra``."""

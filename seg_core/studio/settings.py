@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..adapters import AdapterChoice
 from ..control import Detection
 from ..options import (GUIDANCE, MAX_SEED, OPTIONS, check_integer, check_interval, format_sigma, is_number,  # noqa: F401
                        parse_layers, parse_sigma, parse_values)
@@ -74,8 +75,13 @@ class Settings:
     control_guidance_start_2: float = _option("control_guidance_start_2")
     control_guidance_end_2: float = _option("control_guidance_end_2")
     control_preprocess_2: bool = _option("control_preprocess_2")
+    # The operator's adapters (seg_core.adapters; checked by Studio.settings with its AdapterConfig).
+    loras: dict[str, float] = field(default_factory=dict)  # configured LoRA name -> weight
+    ip_adapter_scale: float = 0.0
+    ip_adapter_image: Image.Image | None = field(default=None, repr=False, compare=False)  # not in the metadata
     model: str = ""
     control_image_sha256: str | None = None
+    ip_adapter_image_sha256: str | None = None
 
     @property
     def control_types(self) -> tuple[str, ...]:
@@ -95,6 +101,10 @@ class Settings:
                   if scale > 0]
         return "+".join(active) or "vanilla"
 
+    def adapter_choice(self) -> AdapterChoice:
+        """What this request asks of the configured adapters."""
+        return AdapterChoice(dict(self.loras), self.ip_adapter_image, self.ip_adapter_scale)
+
     def pipeline_kwargs(self) -> dict:
         """The keyword arguments of StableDiffusionXLSEGPipeline.__call__ (without image / generator)."""
         kwargs = dict(prompt=self.prompt, negative_prompt=self.negative_prompt or None, height=self.height,
@@ -111,7 +121,8 @@ class Settings:
         return kwargs
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = dataclasses.asdict(dataclasses.replace(self, ip_adapter_image=None))
+        del data["ip_adapter_image"]  # a hash stands for it (ip_adapter_image_sha256)
         data["seg_blur_sigma"] = format_sigma(self.seg_blur_sigma)  # JSON has no infinity
         data["method"] = self.method
         return data
@@ -139,6 +150,10 @@ class Settings:
             parts.append(f"ControlNet: {self.control_type} x{self.controlnet_conditioning_scale:g}")
         if self.control_type_2 != "none":
             parts.append(f"ControlNet 2: {self.control_type_2} x{self.controlnet_conditioning_scale_2:g}")
+        if self.loras:
+            parts.append("LoRAs: " + ", ".join(f"{name} x{weight:g}" for name, weight in self.loras.items()))
+        if self.ip_adapter_scale:
+            parts.append(f"IP-Adapter scale: {self.ip_adapter_scale:g}")
         parts.append(f"Model: {self.model}")
         lines.append(", ".join(parts))
         return "\n".join(lines)
@@ -168,7 +183,8 @@ def read_png_settings(image: Image.Image | str) -> dict:
 
 
 
-#: The Settings fields that are options (all but ``model`` and ``control_image_sha256``, which the service sets).
+#: The Settings fields checked by their option's rule (not ``model`` and the hashes, which the service sets, nor
+#: the adapters, whose rule is the operator's AdapterConfig).
 SETTINGS_OPTIONS = tuple(f.name for f in dataclasses.fields(Settings) if f.name in OPTIONS)
 
 
