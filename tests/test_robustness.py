@@ -554,9 +554,9 @@ READABLE_REFUSALS = [
      "controlnet_conditioning_scale must be a finite number in [0, 10], got nan"),
     ("generate", dict(perturbation_guidance_start="x"), "perturbation_guidance_start must be a fraction in [0, 1]"),
     ("generate", dict(width=512, height=512), "at most 16384 pixels (128x128) for this model on this server"),
-    ("generate", dict(control_type="depth", control_image={
-        "url": "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (32, 32)))).decode()}),
-     "depth needs its estimator's weights"),
+    ("generate", dict(control_type="canny", control_image={
+        "url": "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (4, 4)))).decode()}),
+     "control_image sides must be in [8, "),
     ("compare", dict(sag_scale="x"), "sag_scale must be a finite number in [0, 100], got 'x'"),
     ("compare", dict(one_loop="yes"), "one_loop must be true or false, got 'yes'"),
     ("sweep", dict(second_axis=5), "'none', 'seg_scale' or 'guidance_scale', got '5'"),  # Studio.sweep's words

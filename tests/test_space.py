@@ -89,8 +89,9 @@ def test_main_launches_auto_with_every_model_loaded_and_share_left_to_gradio_sha
     monkeypatch.setattr(gr.Blocks, "launch", fake_launch)
     app.main([])
     assert launched["share"] is None  # not False: $GRADIO_SHARE still decides
-    # Loaded before launch(); depth has no estimator offline; "union" serves soft edges and any two controls.
-    assert launched["pipes"] == {"none", "canny", "lineart", "openpose", "union"}
+    # Loaded before launch(), depth too (a random estimator, as the offline model's other detectors);
+    # "union" serves soft edges and any two controls.
+    assert launched["pipes"] == {"none", "canny", "lineart", "depth", "openpose", "union"}
     assert "No GPU here" in launched["banner"] and "--model sdxl" in launched["banner"]
     app.main(["--model", "tiny", "--share"])
     assert launched["share"] is True

@@ -60,3 +60,20 @@ def test_request_rows_gpu_work_and_the_counted_evaluations_agree(tiny):
     with_sag = tiny.settings(seed=0, steps=2, guidance_scale=1.0, sag_scale=1.0)
     run, _ = tiny.generate(with_sag)
     assert run.unet_evaluations == 2 * evaluations_per_step(1.0, with_sag.seg_scale, 0.0, 1.0) == 2 * 3
+
+
+def test_depth_without_its_estimator_is_unavailable_with_its_reason(monkeypatch):
+    """On a real model (Hub weights) offline and without the estimator cached, depth is left out of the
+    control types and a request for it gets the reason; the small offline models use a random one."""
+    from seg_core.studio import loading
+
+    studio = Studio("tiny", fallback=None)
+    assert "depth" in studio.control_types  # the offline model: a random estimator
+    monkeypatch.setattr(loading.Pipelines, "detector_weights", property(lambda self: None))
+    monkeypatch.setattr(loading, "depth_available", lambda: False)
+    pipelines = loading.Pipelines("tiny")
+    pipelines.get("none")
+    pipelines.preload()
+    assert "depth" not in pipelines.control_types
+    with pytest.raises(RuntimeError, match=r"depth needs its estimator's weights \(Intel/dpt-hybrid-midas\)"):
+        pipelines.get("depth")

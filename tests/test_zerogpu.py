@@ -170,13 +170,15 @@ def test_sdxl_durations_fit_a_logged_out_visitor_at_the_defaults(plain, monkeypa
                           "guidance_scale", [3, 5, 7])
 
 
-def test_an_error_in_the_worker_reaches_the_visitor_and_the_next_request_runs(zerogpu, plain):
+def test_an_error_in_the_worker_reaches_the_visitor_and_the_next_request_runs(zerogpu, plain, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
     client, log, _ = zerogpu
-    with pytest.raises(AppError, match="depth needs its estimator's weights"):  # raised in the worker
-        client.predict(prompt="x", steps=1, control_type="depth", control_image=handle_file(HOUSE),
+    not_an_image = tmp_path / "not-an-image.png"
+    not_an_image.write_bytes(b"these bytes are no PNG" * 10)
+    with pytest.raises(AppError, match="control_image is not a readable image"):  # decoded in the worker
+        client.predict(prompt="x", steps=1, control_type="canny", control_image=handle_file(str(not_an_image)),
                        api_name="/generate")
     path, _ = client.predict(prompt="again", seed=10, steps=2, api_name="/generate")
     run, _ = plain.generate(plain.settings(prompt="again", seed=10, steps=2))

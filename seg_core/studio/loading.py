@@ -81,10 +81,7 @@ class Pipelines:
         for control_type in CONTROL_TYPES[1:]:
             try:
                 if control_type == "depth":
-                    if not depth_available():
-                        raise RuntimeError(f"depth needs its estimator's weights ({DEPTH_ESTIMATOR}), "
-                                           "not available here (offline and not cached)")
-                    load_depth_estimator()
+                    self._load_depth_estimator()
                 elif control_type in controls.DETECTOR_FILES:
                     load_detector(control_type, self.detector_weights)
                 self.get(control_type)
@@ -97,6 +94,17 @@ class Pipelines:
             logger.warning("two controls unavailable: %s", error)
             self.unavailable["union"] = str(error)
         return self
+
+    def _load_depth_estimator(self) -> None:
+        """The depth estimator: seeded random weights on the small offline models (as their detectors and
+        ControlNets), else DPT from the Hub or its cache (RuntimeError when offline and not cached)."""
+        if self.detector_weights == RANDOM_WEIGHTS:
+            load_depth_estimator(RANDOM_WEIGHTS)
+        elif not depth_available():
+            raise RuntimeError(f"depth needs its estimator's weights ({DEPTH_ESTIMATOR}), "
+                               "not available here (offline and not cached)")
+        else:
+            load_depth_estimator()
 
     @property
     def control_types(self) -> list[str]:
