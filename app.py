@@ -28,7 +28,7 @@ from starlette.middleware import Middleware
 from seg_core.control import Detection
 from seg_core.guard import RequestGuard
 from seg_core.adapters import AdapterConfig, read_adapter_config
-from seg_core.options import ADAPTERS, COMPARE_AND_SWEEP, DETECTION, MAX_SEED, OPTIONS, SWEEP_AXES
+from seg_core.options import ADAPTERS, COMPARE_AND_SWEEP, DETECTION, MAX_SEED, OPTIONS, SWEEP_AXES, check_integer
 from seg_core.presets import model_for_hardware
 from seg_core.space import ABOUT, CITATION, LICENSE_NOTE, PAPER_URL, duplicate_hint, example_rows, rendered_examples
 from seg_core.studio import Limits, Settings, Studio, format_sigma, parse_sigma, parse_values
@@ -58,6 +58,7 @@ logger = logging.getLogger("seg_app")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 QUEUE_SIZE = 16  # requests waiting; more are refused with "queue is full"
+MAX_QUEUE_SIZE = 10_000
 
 #: Every option a widget or an API parameter sets, by name.
 ALL = {**OPTIONS, **COMPARE_AND_SWEEP, **ADAPTERS}
@@ -299,8 +300,7 @@ def build_demo(model: str = "tiny", device: str | None = None, studio: Studio | 
     Only the operator picks the model: no request can name one. ``compile``: torch.compile the UNet.
     ``adapters``: the operator's LoRAs and IP-Adapter (seg_core.adapters), offered in an "Adapters" panel.
     """
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-        raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
+    queue_size = check_integer("queue_size", queue_size, 1, MAX_QUEUE_SIZE)
     notice = None
     if studio is None and model == "auto":
         model, notice = model_for_hardware()
@@ -669,8 +669,7 @@ def main(argv: list[str] | None = None) -> None:
         limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
                         max_upload_mb=args.max_upload_mb, max_image_side=args.max_image_side,
                         max_body_mb=args.max_body_mb, memory_budget_gb=args.memory_budget_gb)
-        if args.queue_size < 1:
-            raise ValueError(f"queue_size must be a positive integer, got {args.queue_size}")
+        check_integer("queue_size", args.queue_size, 1, MAX_QUEUE_SIZE)  # before any model loads
         adapters = read_adapter_config(args.adapters) if args.adapters else None
     except (ValueError, OSError) as error:
         parser.error(str(error))

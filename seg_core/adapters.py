@@ -173,7 +173,7 @@ def _check_keys(where: str, entry, types: Mapping[str, type], required=()) -> No
         raise ValueError(f"{where}: missing {missing}")
     for key, value in entry.items():
         expected = types[key]
-        numeric = expected is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+        numeric = expected is float and is_number(value)
         if not (numeric or isinstance(value, expected)) or (expected is str and not value.strip()):
             raise ValueError(f"{where}.{key} must be a {'non-empty string' if expected is str else expected.__name__}, "
                              f"got {value!r}")
@@ -215,7 +215,7 @@ def _inner_path(where: str, value: str) -> str:
 
 def _range(where: str, value, low: float = -math.inf) -> tuple[float, float]:
     numbers = isinstance(value, list) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        is_number(v) and math.isfinite(v) for v in value)
     if not numbers or not low <= value[0] <= value[1]:
         lowest = "" if low == -math.inf else f", from {low}"
         raise ValueError(f"{where} must be [min, max], finite numbers with min <= max{lowest}, got {value!r}")

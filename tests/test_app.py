@@ -412,3 +412,12 @@ def test_settings_left_null_are_the_models_defaults():
     omitted = studio.settings(prompt="", seed=0)
     assert (nulls.width, nulls.height, nulls.steps) == (omitted.width, omitted.height, omitted.steps)
     assert (nulls.width, nulls.height) == studio.size_presets[0] != (1024, 1024)
+
+
+@pytest.mark.parametrize("queue_size", [0, True, 2.5, 10**6])
+def test_a_bad_queue_size_is_refused_before_any_model_loads(queue_size, monkeypatch):
+    import app
+
+    monkeypatch.setattr(app, "Studio", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=r"queue_size must be an integer in \[1, 10000\]"):
+        app.build_demo("tiny", queue_size=queue_size)
