@@ -95,11 +95,15 @@ class UNetCounter:
 
 
 
+def image_digest(images: Image.Image | list | None) -> str | None:
+    """A short hash of the pixels of an image (or of several), so the metadata identifies it; None for none."""
+    images = images if isinstance(images, list) else [images] if images else []
+    return hashlib.sha256(b"".join(m.tobytes() for m in images)).hexdigest()[:16] if images else None
+
+
 def stamp_control(settings: Settings, control: Image.Image | list | None) -> None:
     """Record which control map(s) were used (a hash), so the metadata identifies them."""
-    maps = control if isinstance(control, list) else [control] if control else []
-    digest = hashlib.sha256(b"".join(m.tobytes() for m in maps)).hexdigest()[:16]
-    settings.control_image_sha256 = digest if maps else None
+    settings.control_image_sha256 = image_digest(control)
 
 
 @contextmanager

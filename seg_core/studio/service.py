@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from ..zerogpu import Work, evaluations_per_step, gpu_duration
 from .grids import labelled_grid
 from .images import load_control_image
 from .loading import CONTROL_TYPES, Pipelines
-from .runs import Progress, Run, StepCounter, Sweep, UNetCounter, out_of_memory_as_error, stamp_control
+from .runs import Progress, Run, StepCounter, Sweep, UNetCounter, image_digest, out_of_memory_as_error, stamp_control
 from .settings import MAX_SEED, Settings, check_settings, format_sigma, parse_sigma, png_info
 
 logger = logging.getLogger(__name__)
@@ -235,7 +234,7 @@ class Studio:
         config.check(choice)
         settings.loras, settings.ip_adapter_image = dict(choice.loras), image
         settings.ip_adapter_scale = float(ip_adapter_scale)
-        settings.ip_adapter_image_sha256 = None if image is None else hashlib.sha256(image.tobytes()).hexdigest()[:16]
+        settings.ip_adapter_image_sha256 = image_digest(image)
 
     def check_layers(self, layers: list[str]) -> None:
         """ValueError unless ``layers`` are few, short and name attention layers of this model's UNet."""
