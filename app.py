@@ -161,8 +161,7 @@ class Handlers:
         """(settings, SAG scale, PAG scale, one loop) of a Compare request."""
         values = dict(values)
         sag_scale, pag_scale = values.pop("sag_scale"), values.pop("pag_scale")
-        # (Studio.compare does not check one_loop; "yes" would run as True)
-        one_loop = COMPARE_AND_SWEEP["one_loop"].check(values.pop("one_loop"))
+        one_loop = values.pop("one_loop")
         return self.settings(values), sag_scale, pag_scale, one_loop
 
     def sweep_request(self, values: dict, sigmas_name: str = "seg_blur_sigmas",

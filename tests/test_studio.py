@@ -77,3 +77,8 @@ def test_depth_without_its_estimator_is_unavailable_with_its_reason(monkeypatch)
     assert "depth" not in pipelines.control_types
     with pytest.raises(RuntimeError, match=r"depth needs its estimator's weights \(Intel/dpt-hybrid-midas\)"):
         pipelines.get("depth")
+
+
+def test_compare_checks_one_loop_itself(tiny):
+    with pytest.raises(ValueError, match="one_loop must be true or false, got 'yes'"):
+        tiny.compare(tiny.settings(prompt="x", steps=1), one_loop="yes")

@@ -24,7 +24,7 @@ from ..compare import side_by_side
 from ..control import Detection
 from ..limits import Geometry, Limits, ModelLimits
 from ..models import DEFAULT_FALLBACK, ModelProfile
-from ..options import GUIDANCE, check_integer
+from ..options import COMPARE_AND_SWEEP, GUIDANCE, check_integer
 from ..pipeline import StableDiffusionXLSEGPipeline, build_guidance_methods
 from ..zerogpu import Work, evaluations_per_step, gpu_duration
 from .grids import labelled_grid
@@ -324,6 +324,7 @@ class Studio:
         ``one_loop`` renders the four in one denoising loop with batched UNet calls (seg_core.compare):
         the same images, faster where UNet calls are launch-bound (a GPU), but one time for all four.
         """
+        one_loop = COMPARE_AND_SWEEP["one_loop"].check(one_loop)
         sag_scale = GUIDANCE["sag_scale"].check(self.profile.sag_scale if sag_scale is None else sag_scale)
         pag_scale = GUIDANCE["pag_scale"].check(self.profile.pag_scale if pag_scale is None else pag_scale)
         if sag_scale <= 0 or pag_scale <= 0 or settings.seg_scale <= 0:
