@@ -40,6 +40,12 @@ def compile_unet(unet: torch.nn.Module, mode: str | None = None, regional: bool 
     return unet
 
 
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a module inside it was compiled in place (``nn.Module.compile``, as
+    :func:`compile_unet` does, regional or whole)."""
+    return any(m._compiled_call_impl is not None for m in module.modules())
+
+
 def dynamo_counts() -> dict[str, int]:
     """Dynamo's running totals in this process: graphs compiled and graph breaks."""
     return {
