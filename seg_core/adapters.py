@@ -15,8 +15,9 @@ image goes in at scale 0, where diffusers' IP-Adapter processors skip the adapte
 exactly the one without it.
 
 On a compiled UNet (``pipe.compile()``) a new weight or scale must not be a new graph: there every LoRA stays
-active and the IP-Adapter always runs, and a request writes its weights (0 for LoRAs not chosen) and scale
-into tensors in place; at 0 the adapters add exact zeros, so "off" is still exactly no adapter.
+active (a DoRA only while chosen) and the IP-Adapter always runs, and a request writes its weights (0 for
+LoRAs not chosen) and scale into tensors in place; at 0 they add exact zeros, so "off" is still exactly no
+adapter.
 """
 
 from __future__ import annotations
@@ -302,27 +303,36 @@ def _adapters_off(pipe, config: AdapterConfig) -> None:
 
 def _choose(pipe, config: AdapterConfig, choice: AdapterChoice, keep_graphs: bool | None = None) -> None:
     """Set the loaded adapters to ``choice``. With ``keep_graphs`` (by default: when the UNet is compiled)
-    without changing what a compiled graph reads from Python: every LoRA stays active (0 for the ones not
-    chosen) and the IP-Adapter always runs, their weights and scale written in place into tensors (graph
-    inputs, where each new float would be a new graph). Eagerly that would cost every call the unused
-    adapters' work (bench/adapters_eager_cost.py), so an eager UNet runs only the chosen ones."""
+    without changing what a compiled graph reads from Python: the LoRAs stay active (0 for the ones not
+    chosen; but for a DoRA, which runs only when chosen: one graph each way) and the IP-Adapter always runs,
+    their weights and scale written in place into tensors (graph inputs, where each new float would be a new
+    graph). Eagerly that would cost every call the unused adapters' work (bench/adapters_eager_cost.py), so
+    an eager UNet runs only the chosen ones."""
     if keep_graphs is None:
         keep_graphs = is_compiled(pipe.unet)
     if config.loras:
-        _choose_loras(pipe, choice.loras, list(config.loras) if keep_graphs else list(choice.loras), keep_graphs)
+        _choose_loras(pipe, choice.loras, list(config.loras), keep_graphs)
     if config.ip_adapter is not None:
         _choose_ip_adapter_scale(pipe, float(choice.ip_adapter_scale), keep_graphs)
 
 
-def _choose_loras(pipe, weights: Mapping[str, float], active: list[str], in_tensors: bool) -> None:
-    """LoRAs ``active`` (none: LoRA off) at ``weights`` (0 where not given), in the UNet and the text encoders."""
+def _choose_loras(pipe, weights: Mapping[str, float], names: list[str], keep_graphs: bool) -> None:
+    """The LoRAs ``names`` (in the config's order) at ``weights`` (0 where not given), in the UNet and the text
+    encoders: the chosen ones running, with ``keep_graphs`` also the others where 0 adds nothing."""
     for component in pipe._lora_loadable_modules:
         for layer in getattr(pipe, component).modules():
             if isinstance(layer, BaseTunerLayer):
                 for name in layer.scaling:
-                    _set_scale(layer, name, float(weights.get(name, 0.0)), in_tensors)
+                    _set_scale(layer, name, float(weights.get(name, 0.0)), keep_graphs)
+                active = [n for n in names if n in weights or (keep_graphs and _zero_is_off(layer, n))]
                 layer.set_adapter(active or layer.active_adapters)
                 layer.enable_adapters(bool(active))
+
+
+def _zero_is_off(layer, name: str) -> bool:
+    """Whether LoRA ``name`` adds exactly nothing to ``layer`` at weight 0: a plain LoRA (W + 0 * BA); not a
+    peft variant such as DoRA (Liu et al. 2024), whose magnitude rescales the layer at any weight."""
+    return name not in getattr(layer, "lora_variant", {})
 
 
 def _set_scale(layer, name: str, weight: float, in_tensor: bool) -> None:

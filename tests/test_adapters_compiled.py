@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from conftest import EXACT, SMALL, generator, in_float64, make_pipe, sharpen_self_attention
-from seg_core.adapters import AdapterChoice, applied_adapters, load_adapters, read_adapter_config
+from seg_core.adapters import AdapterChoice, applied_adapters, load_adapters, parse_adapter_config, read_adapter_config
 from seg_core.compiled import counts_since, dynamo_counts
-from seg_core.tiny import tiny_sdxl_components, write_tiny_adapters
+from seg_core.tiny import tiny_sdxl_components, write_tiny_adapters, write_tiny_lora
 from test_exactness import relative_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
@@ -74,4 +74,27 @@ def test_a_new_choice_compiles_nothing_and_equals_eager(config):
             torch.testing.assert_close(run_with(compiled, config, choice, **methods), expected, **EXACT)
             adapts = any(choice.loras.values()) or choice.ip_adapter_scale != 0
             assert (relative_error(expected, off) > 1e-3) == adapts  # a weight or scale of 0 is no adapter
+    assert counts_since(warm) == {"recompiles": 0, "graph_breaks": 0}
+
+
+def test_a_dora_runs_only_when_chosen(config, tmp_path):
+    """A DoRA (Liu et al. 2024) rescales its layers even at weight 0, so a compiled UNet cannot keep it running:
+    choosing it or not compiles once each way; its weights and the other LoRAs' still compile nothing."""
+    write_tiny_lora(tmp_path / "dora", tiny_sdxl_components(seed=0), seed=4, use_dora=True)
+    lora = {"weight_name": "pytorch_lora_weights.safetensors", "license": "random weights (tests)"}
+    with_dora = parse_adapter_config({"loras": {"ink": {"source": config.loras["ink"].source, **lora},
+                                                "dora": {"source": "./dora", **lora}}}, tmp_path)
+    eager = pipe_with_adapters(with_dora)
+    compiled = pipe_with_adapters(with_dora).compile(backend="aot_eager")
+    warm_ups, choices = [AdapterChoice(), AdapterChoice({"dora": 0.5})], [
+        AdapterChoice({"ink": 0.6}), AdapterChoice({"dora": 0.8}), AdapterChoice({"ink": 0.3, "dora": 0.2}),
+        AdapterChoice()]
+    for choice in warm_ups:
+        run_with(compiled, with_dora, choice)
+    warm = dynamo_counts()
+    off = run_with(eager, with_dora, AdapterChoice())
+    for choice in choices:
+        expected = run_with(eager, with_dora, choice)
+        torch.testing.assert_close(run_with(compiled, with_dora, choice), expected, **EXACT)
+        assert (relative_error(expected, off) > 1e-3) == bool(choice.loras)
     assert counts_since(warm) == {"recompiles": 0, "graph_breaks": 0}
