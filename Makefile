@@ -6,7 +6,7 @@ ARGS ?=
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench wheels
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -24,3 +24,9 @@ test: setup
 
 bench: setup
 	OMP_NUM_THREADS=2 $(PY) bench/guidance_cost.py --quick
+
+# The pure-Python wheels the GPU machine of the device tool lacks (it has torch, not diffusers), for
+# bench/gpu_compile.sh: carry .whl there.
+wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+		"diffusers==$$($(PY) -c 'import diffusers; print(diffusers.__version__)')"

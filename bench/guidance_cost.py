@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,7 +37,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from seg_core.attention import SmoothedEnergyAttention  # noqa: E402
 from seg_core.blur import blur_tokens  # noqa: E402
-from seg_core.compiled import compile_unet, counts_since, dynamo_counts  # noqa: E402
+from seg_core.compiled import CUDA_GRAPH_MODES, compile_unet, counts_since, dynamo_counts  # noqa: E402
 from seg_core.methods import PAG, SAG, SEG, GuidedStep, select_rows  # noqa: E402
 
 SDXL = dict(
@@ -147,12 +148,36 @@ def attention_layer_modes(device, dtype, sigma, side=32):
     heads, head_dim = 20, 64
     q, k, v = (torch.randn(1, heads, side * side, head_dim, device=device, dtype=dtype) for _ in range(3))
     with_blur, without_blur = SmoothedEnergyAttention(sigma), SmoothedEnergyAttention(0.0)
+    return dict(zip(LAYER_MODES, (
+        lambda: blur_tokens(q, (side, side), sigma),
+        lambda: F.scaled_dot_product_attention(q, k, v),
+        lambda: with_blur(attn, hidden, (side, side)),
+        lambda: without_blur(attn, hidden, (side, side)),
+    )))
+
+
+LAYER_MODES = ("blur", "attention", "seg_layer_blur", "seg_layer_no_blur")
+
+
+def step_modes(sigma: float) -> dict:
+    """Each step mode's (guidance methods, CFG on, down blocks shared), with new method objects."""
+    seg = lambda: SEG(3.0, sigma)  # noqa: E731
     return {
-        "blur": lambda: blur_tokens(q, (side, side), sigma),
-        "attention": lambda: F.scaled_dot_product_attention(q, k, v),
-        "seg_layer_blur": lambda: with_blur(attn, hidden, (side, side)),
-        "seg_layer_no_blur": lambda: without_blur(attn, hidden, (side, side)),
+        "cond": ([], False, True),
+        "cfg": ([], True, True),
+        "cfg_seg": ([seg()], True, True),
+        "cfg_seg_unshared": ([seg()], True, False),
+        "cfg_seg_inf": ([SEG(3.0, math.inf)], True, True),
+        "seg_only": ([seg()], False, True),
+        "seg_only_unshared": ([seg()], False, False),
+        "cfg_pag": ([PAG(3.0)], True, True),
+        "cfg_sag": ([SAG(0.75)], True, True),
     }
+
+
+STEP_MODES = tuple(step_modes(1.0))
+#: The Compare tab's four methods, one step each: vanilla, SAG, PAG, SEG.
+COMPARE_MODES = ("cfg", "cfg_sag", "cfg_pag", "cfg_seg")
 
 
 #: The step modes timed compiled (each new layout compiles its graphs); cfg_seg_inf differs from cfg_seg
@@ -166,26 +191,23 @@ def compiled_columns(args, unet, model_of, x, t, device, rounds):
     options = dict(mode=args.compile_mode, regional=not args.compile_whole)
     compiled_unet = compile_unet(copy.deepcopy(unet), **options)
     model = model_of(compiled_unet)
-    seg = lambda sigma: SEG(3.0, sigma)  # noqa: E731
-    steps = {
-        "cond": guided_step(compiled_unet, model, [], False, True),
-        "cfg": guided_step(compiled_unet, model, [], True, True),
-        "cfg_seg": guided_step(compiled_unet, model, [seg(args.sigma)], True, True),
-        "cfg_seg_inf": guided_step(compiled_unet, model, [seg(math.inf)], True, True),
-        "cfg_pag": guided_step(compiled_unet, model, [PAG(3.0)], True, True),
-        "cfg_sag": guided_step(compiled_unet, model, [SAG(0.75)], True, True),
-    }
+    steps = {name: guided_step(compiled_unet, model, *spec) for name, spec in step_modes(args.sigma).items()}
     modes = {name: (lambda s=s: s(x, t)) for name, s in steps.items()}
-    modes["compare_sequential"] = lambda: [steps[k](x, t) for k in ("cfg", "cfg_sag", "cfg_pag", "cfg_seg")]
-    modes = {name: modes[name] for name in COMPILED_MODES["quick" if args.quick else "full"]}
+    modes["compare_sequential"] = lambda: [steps[k](x, t) for k in COMPARE_MODES]
+    modes = {name: modes[name] for name in COMPILED_MODES["quick" if args.quick else "full"]
+             if name in args.modes}
     compile_s, recompiles = {}, 0
+    host_syncs = None
     with torch.no_grad():
         for name, fn in modes.items():  # first call compiles (twice more: CUDA graphs record on later calls)
             before = dynamo_counts()
             compile_s[name] = timed(fn, device)
+            print(f"compiled {name}: first call {compile_s[name]:.1f} s", flush=True)  # (the table comes last)
             if name == "cfg_seg_inf":
                 recompiles += counts_since(before)["recompiles"]
             fn(), fn()
+        if args.sync_check and device.type == "cuda" and "cfg_seg" in modes:
+            host_syncs = host_synchronisation(modes["cfg_seg"])
         warm = dynamo_counts()
         times = {name: [] for name in modes}
         for _ in range(rounds):
@@ -197,7 +219,56 @@ def compiled_columns(args, unet, model_of, x, t, device, rounds):
         "compile_s": compile_s,
         "graph_breaks": dynamo_counts()["graph_breaks"],
         "recompiles": recompiles + counts_since(warm)["recompiles"],
+        "host_syncs": host_syncs,
+        # graphs inductor ran without CUDA graphs (each logged with its reason): 0 is the aim
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
     }
+
+
+def host_synchronisation(fn) -> str:
+    """"none" if ``fn`` (a warm compiled step) runs without waiting on the GPU, else the first such wait."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+#: Ratios in the JSON line, each (numerator mode, denominator mode, table: "time" or "flops").
+RATIOS = {
+    "cfg_seg_over_cfg": ("cfg_seg", "cfg", "time"),
+    "cfg_seg_unshared_over_cfg": ("cfg_seg_unshared", "cfg", "time"),
+    "cfg_seg_inf_over_cfg": ("cfg_seg_inf", "cfg", "time"),
+    "seg_only_over_cond": ("seg_only", "cond", "time"),
+    "seg_only_unshared_over_cond": ("seg_only_unshared", "cond", "time"),
+    "cfg_pag_over_cfg": ("cfg_pag", "cfg", "time"),
+    "cfg_sag_over_cfg": ("cfg_sag", "cfg", "time"),
+    "flops_cfg_seg_over_cfg": ("cfg_seg", "cfg", "flops"),
+    "flops_cfg_seg_unshared_over_cfg": ("cfg_seg_unshared", "cfg", "flops"),
+    "flops_seg_only_over_cond": ("seg_only", "cond", "flops"),
+    "compare_batched_over_sequential": ("compare_batched", "compare_sequential", "time"),
+    "blur_over_attention": ("blur", "attention", "time"),
+    "seg_layer_blur_over_no_blur": ("seg_layer_blur", "seg_layer_no_blur", "time"),
+}
+#: The compiled ones: "eager_" names the eager column. The issue's targets: compiled_over_eager <= 0.6
+#: and compiled_cfg_seg_over_compiled_cfg <= 1.2 (GPU, batch 1, 1024x1024).
+COMPILED_RATIOS = {
+    "compiled_over_eager": ("cfg_seg", "eager_cfg_seg", "time"),
+    "compiled_cfg_over_eager": ("cfg", "eager_cfg", "time"),
+    "compiled_cfg_seg_over_compiled_cfg": ("cfg_seg", "cfg", "time"),
+}
+#: A Compare's steps at the demo's defaults: its UNet time is this many compare_sequential steps.
+COMPARE_STEPS = 25
+
+
+def ratios(wanted: dict, times: dict, counted: dict | None = None) -> dict:
+    """The ratios of ``wanted`` whose two modes were both timed (``--modes`` may leave some out)."""
+    tables = {"time": times, "flops": counted or {}}
+    return {name: round(tables[table][a] / tables[table][b], 3)
+            for name, (a, b, table) in wanted.items() if a in tables[table] and b in tables[table]}
 
 
 def main(argv=None):
@@ -212,7 +283,15 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="add compiled columns (torch.compile of the UNet)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--compile-whole", action="store_true", help="compile the whole UNet, not its repeated blocks")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated modes to time (default: all); e.g. cfg,cfg_seg,compare_sequential")
+    parser.add_argument("--sync-check", action="store_true",
+                        help="with --compile on CUDA: run the compiled CFG + SEG step with host syncs as errors")
     args = parser.parse_args(argv)
+    known = STEP_MODES + ("compare_sequential", "compare_batched") + LAYER_MODES
+    args.modes = known if args.modes is None else tuple(args.modes.split(","))
+    if unknown := [m for m in args.modes if m not in known]:
+        parser.error(f"--modes: unknown {', '.join(unknown)}; the modes are {', '.join(known)}")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,26 +305,15 @@ def main(argv=None):
     x = torch.randn(args.batch, 4, latent_side, latent_side, device=device, dtype=dtype)
     t = torch.tensor(500, device=device)
 
-    seg = lambda: SEG(3.0, args.sigma)  # noqa: E731
-    steps = {
-        "cond": guided_step(unet, model, [], False, True),
-        "cfg": guided_step(unet, model, [], True, True),
-        "cfg_seg": guided_step(unet, model, [seg()], True, True),
-        "cfg_seg_unshared": guided_step(unet, model, [seg()], True, False),
-        "cfg_seg_inf": guided_step(unet, model, [SEG(3.0, math.inf)], True, True),
-        "seg_only": guided_step(unet, model, [seg()], False, True),
-        "seg_only_unshared": guided_step(unet, model, [seg()], False, False),
-        "cfg_pag": guided_step(unet, model, [PAG(3.0)], True, True),
-        "cfg_sag": guided_step(unet, model, [SAG(0.75)], True, True),
-    }
+    steps = {name: guided_step(unet, model, *spec) for name, spec in step_modes(args.sigma).items()}
     modes = {name: (lambda s=s: s(x, t)) for name, s in steps.items()}
     # Compare view: vanilla, SAG, PAG and SEG one after another...
-    modes["compare_sequential"] = lambda: [steps[k](x, t) for k in ("cfg", "cfg_sag", "cfg_pag", "cfg_seg")]
+    modes["compare_sequential"] = lambda: [steps[k](x, t) for k in COMPARE_MODES]
     # ...against the four in one step of one loop (seg_core.compare): image k of a batch of 4 guided by
     # method k, one UNet call with every method's rows plus SAG's second call.
     batch = args.batch
     x4 = x.repeat(4, 1, 1, 1)
-    methods = [SAG(0.75), PAG(3.0), seg()]
+    methods = [SAG(0.75), PAG(3.0), SEG(3.0, args.sigma)]
     for k, method in enumerate(methods, start=1):
         method.rows = tuple(range(k * batch, (k + 1) * batch))
     compare_step = guided_step(unet, model, methods, True, True)
@@ -255,6 +323,7 @@ def main(argv=None):
         with torch.no_grad():
             layer_modes = {name: cuda_graphed(fn) for name, fn in layer_modes.items()}
     modes.update(layer_modes)
+    modes = {name: fn for name, fn in modes.items() if name in args.modes}
 
     with torch.no_grad():
         counted, peak = {}, {}
@@ -269,6 +338,8 @@ def main(argv=None):
             for name, fn in modes.items():
                 times[name].append(timed(fn, device))
     median = {name: statistics.median(values) for name, values in times.items()}
+    if args.compile:  # what a stage stopped while compiling still reports
+        print("eager median ms: " + json.dumps({name: round(m * 1e3, 2) for name, m in median.items()}), flush=True)
     compiled = compiled_columns(args, unet, model_of, x, t, device, rounds) if args.compile else None
 
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} ({dtype}), "
@@ -286,36 +357,30 @@ def main(argv=None):
             line += f" {c * 1e3:12.2f} {c / median[name]:15.3f} {compiled['compile_s'][name]:10.1f}"
         print(line)
 
-    ratio = lambda a, b, table=median: round(table[a] / table[b], 3)  # noqa: E731
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "mode": "quick" if args.quick else "full",
         "size": size,
         "batch": args.batch,
-        "cfg_seg_over_cfg": ratio("cfg_seg", "cfg"),
-        "cfg_seg_unshared_over_cfg": ratio("cfg_seg_unshared", "cfg"),
-        "cfg_seg_inf_over_cfg": ratio("cfg_seg_inf", "cfg"),
-        "seg_only_over_cond": ratio("seg_only", "cond"),
-        "seg_only_unshared_over_cond": ratio("seg_only_unshared", "cond"),
-        "cfg_pag_over_cfg": ratio("cfg_pag", "cfg"),
-        "cfg_sag_over_cfg": ratio("cfg_sag", "cfg"),
-        "flops_cfg_seg_over_cfg": ratio("cfg_seg", "cfg", counted),
-        "flops_cfg_seg_unshared_over_cfg": ratio("cfg_seg_unshared", "cfg", counted),
-        "flops_seg_only_over_cond": ratio("seg_only", "cond", counted),
-        "compare_batched_over_sequential": ratio("compare_batched", "compare_sequential"),
-        "blur_over_attention": ratio("blur", "attention"),
-        "seg_layer_blur_over_no_blur": ratio("seg_layer_blur", "seg_layer_no_blur"),
+        **ratios(RATIOS, median, counted),
     }
+    if "compare_sequential" in median:
+        summary["compare_25_steps_s"] = round(COMPARE_STEPS * median["compare_sequential"], 2)
     if compiled:
+        c = compiled["median"]
         summary.update({
             "compile": compiled["options"],
-            "compiled_over_eager": round(compiled["median"]["cfg_seg"] / median["cfg_seg"], 3),
-            "compiled_cfg_over_eager": round(compiled["median"]["cfg"] / median["cfg"], 3),
-            "compiled_cfg_seg_over_compiled_cfg": round(compiled["median"]["cfg_seg"] / compiled["median"]["cfg"], 3),
+            **ratios(COMPILED_RATIOS, {**{f"eager_{k}": v for k, v in median.items()}, **c}),
             "compile_s": round(sum(compiled["compile_s"].values()), 1),
             "graph_breaks": compiled["graph_breaks"],
             "recompiles": compiled["recompiles"],
         })
+        if args.compile_mode in CUDA_GRAPH_MODES and device.type == "cuda":
+            summary["cudagraph_skips"] = compiled["cudagraph_skips"]
+        if "compare_sequential" in c:
+            summary["compiled_compare_25_steps_s"] = round(COMPARE_STEPS * c["compare_sequential"], 2)
+        if compiled["host_syncs"] is not None:
+            summary["host_syncs"] = compiled["host_syncs"]
     if peak:
         summary["peak_gib"] = {k: round(v, 2) for k, v in peak.items() if not k.startswith(("blur", "attention", "seg_layer"))}
     print(json.dumps(summary))

@@ -19,6 +19,9 @@ from torch._dynamo.utils import counters
 #: ``torch.compile`` modes (inductor); "reduce-overhead" adds CUDA graphs where shapes are static.
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+#: Modes that record CUDA graphs (inductor's cudagraph trees).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 #: Graphs dynamo may keep per compiled function: one per (block shape, branch layout) is needed, and a
 #: Compare with four methods at two sizes holds more than dynamo's default of 8.
 RECOMPILE_LIMIT = 64
@@ -31,6 +34,12 @@ def compile_unet(unet: torch.nn.Module, mode: str | None = None, regional: bool 
         raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
     if mode is not None and backend != "inductor":
         raise ValueError(f"mode {mode!r} is an inductor option; with backend {backend!r} pass mode=None")
+    if mode in CUDA_GRAPH_MODES and regional:
+        # Each block is then its own compiled call: a call starts a new generation of CUDA graph
+        # buffers, so the previous block's output, this block's input, is overwritten (pytorch#160281).
+        raise ValueError(f"mode {mode!r} records CUDA graphs per compiled call, and with regional=True every "
+                         "transformer block is one, overwriting the previous block's output: use "
+                         "regional=False (the whole UNet) with it, or mode 'max-autotune-no-cudagraphs'")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     options = dict(mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
     if regional:

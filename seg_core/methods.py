@@ -251,6 +251,7 @@ class GuidedStep:
                  guidance_scale: float, do_cfg: bool, guidance_rescale: float = 0.0):
         """The guided prediction at step ``step`` of ``num_steps``; CFG's settings are read per step (a
         callback may change them, as in diffusers)."""
+        model = owned_outputs(model)
         active = [m for m in self.methods if m.is_active(step, num_steps)]
         branches = [Branch("uncond")] if do_cfg else []
         branches.append(Branch("cond"))
@@ -294,6 +295,13 @@ class GuidedStep:
         if do_cfg and guidance_rescale > 0.0:
             eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=guidance_rescale)
         return eps
+
+
+def owned_outputs(model: ModelFn) -> ModelFn:
+    """``model`` returning tensors of its own. A UNet compiled with CUDA graphs (``mode="reduce-overhead"``)
+    returns views of static buffers that its next call overwrites, and the main call's predictions are
+    still read after SAG's second call. The copy costs one latent per branch."""
+    return lambda x, t, branches: model(x, t, branches).clone()
 
 
 def guidance_term(method: GuidanceMethod, state: StepState, batch: int) -> GuidanceTerm:

@@ -150,7 +150,7 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         Args:
             mode (`str`, *optional*): inductor's mode: None (default), "reduce-overhead" (CUDA graphs where
                 shapes are static: batch-1 steps on a GPU are launch-bound), "max-autotune" or
-                "max-autotune-no-cudagraphs".
+                "max-autotune-no-cudagraphs". The two with CUDA graphs need `regional=False`.
             regional (`bool`, defaults to True): compile only the repeated transformer blocks (diffusers'
                 `compile_repeated_blocks`; a few small graphs, short compile), or the whole UNet (False: one
                 graph per call layout, longer compile, no eager code between blocks).

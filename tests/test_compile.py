@@ -98,3 +98,39 @@ def test_demo_flag_compiles_the_unet_shared_by_every_pipeline(monkeypatch):
     pipes = list(launched["studio"]._pipes.values())
     blocks = [m for m in pipes[0].unet.modules() if type(m).__name__ in pipes[0].unet._repeated_blocks]
     assert len(pipes) > 2 and all(compiled_blocks(p) == blocks for p in pipes)  # "none" and each ControlNet's
+
+
+class ReplayedOutputs:
+    """A forward hook making the UNet return its outputs as CUDA graph replays do (mode="reduce-overhead"):
+    views into one static buffer, which the next call overwrites whatever its shape."""
+
+    def __init__(self, unet):
+        self.pool = None
+        self.handle = unet.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        sample = output[0]
+        if self.pool is None or self.pool.numel() < sample.numel():
+            self.pool = torch.empty(sample.numel() * 4, dtype=sample.dtype)
+        static = self.pool[:sample.numel()].view_as(sample)
+        static.copy_(sample)
+        return (static,)
+
+
+def test_outputs_overwritten_by_the_next_unet_call_change_nothing(eager):
+    """CFG's predictions outlive SAG's second UNet call; under CUDA graphs that call overwrites them unless
+    the step keeps its own copy."""
+    replayed = tiny_pipe64()
+    hook = ReplayedOutputs(replayed.unet)
+    try:
+        torch.testing.assert_close(run(replayed, **ALL_METHODS), run(eager, **ALL_METHODS), **EXACT)
+    finally:
+        hook.handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_modes_need_the_whole_unet(mode):
+    """With regional compilation each transformer block is its own compiled call, so a block's output (the
+    next block's input) would be overwritten by the next replay: refused, with the way out named."""
+    with pytest.raises(ValueError, match=f"mode {mode!r} .*CUDA graphs.*regional=False"):
+        tiny_pipe64().compile(mode=mode)

@@ -92,6 +92,22 @@ def test_bench_quick_prints_its_summary(monkeypatch, capsys):
     assert all(value > 0 for key, value in summary.items() if key.endswith("_over_cfg"))
     # Sharing the down blocks saves FLOPs: the exact counts, not timings.
     assert 1.0 < summary["flops_cfg_seg_over_cfg"] < summary["flops_cfg_seg_unshared_over_cfg"] <= 1.5
+    # The Compare's UNet time is 25 of its steps (the four methods one after another).
+    assert summary["compare_25_steps_s"] > 0
+
+
+def test_bench_times_only_the_modes_asked_for(monkeypatch, capsys):
+    """bench/gpu_compile.sh's stages time a few modes each; ratios of modes left out are left out."""
+    run_script(monkeypatch, "bench/guidance_cost.py", "--quick", "--rounds", "1", "--size", "64", "--threads", "1",
+               "--modes", "cfg,cfg_seg")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[2:-1]] == ["cfg", "cfg_seg"]  # the table's rows
+    summary = json.loads(lines[-1])
+    assert {"cfg_seg_over_cfg", "flops_cfg_seg_over_cfg"} <= set(summary)
+    assert not {"cfg_pag_over_cfg", "compare_25_steps_s", "blur_over_attention"} & set(summary)
+    with pytest.raises(SystemExit):
+        run_script(monkeypatch, "bench/guidance_cost.py", "--quick", "--modes", "cfg,bogus")
+    assert "--modes: unknown bogus; the modes are cond, cfg" in capsys.readouterr().err
 
 
 class QuickPipeline(StableDiffusionXLSEGPipeline):
