@@ -319,14 +319,20 @@ def _choose(pipe, config: AdapterConfig, choice: AdapterChoice, keep_graphs: boo
 def _choose_loras(pipe, weights: Mapping[str, float], names: list[str], keep_graphs: bool) -> None:
     """The LoRAs ``names`` (in the config's order) at ``weights`` (0 where not given), in the UNet and the text
     encoders: the chosen ones running, with ``keep_graphs`` also the others where 0 adds nothing."""
+    for layer in _lora_layers(pipe):
+        for name in layer.scaling:
+            _set_scale(layer, name, float(weights.get(name, 0.0)), keep_graphs)
+        active = [n for n in names if n in weights or (keep_graphs and _zero_is_off(layer, n))]
+        layer.set_adapter(active or layer.active_adapters)
+        layer.enable_adapters(bool(active))
+
+
+def _lora_layers(pipe) -> Iterator[BaseTunerLayer]:
+    """The layers peft wrapped for LoRAs in the UNet and the text encoders (those ``pipe`` has)."""
     for component in pipe._lora_loadable_modules:
-        for layer in getattr(pipe, component).modules():
-            if isinstance(layer, BaseTunerLayer):
-                for name in layer.scaling:
-                    _set_scale(layer, name, float(weights.get(name, 0.0)), keep_graphs)
-                active = [n for n in names if n in weights or (keep_graphs and _zero_is_off(layer, n))]
-                layer.set_adapter(active or layer.active_adapters)
-                layer.enable_adapters(bool(active))
+        model = getattr(pipe, component, None)
+        if model is not None:
+            yield from (module for module in model.modules() if isinstance(module, BaseTunerLayer))
 
 
 def _zero_is_off(layer, name: str) -> bool:
