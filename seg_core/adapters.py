@@ -13,6 +13,11 @@ guidance method adds (SEG's, PAG's, SAG's) runs through them, as through fused w
 Once an IP-Adapter is loaded the UNet needs image embeddings on every call; without an image prompt a blank
 image goes in at scale 0, where diffusers' IP-Adapter processors skip the adapter: the result is then
 exactly the one without it.
+
+On a compiled UNet (``pipe.compile()``) a new weight or scale must not be a new graph: there every LoRA stays
+active (a DoRA only while chosen) and the IP-Adapter always runs, and a request writes its weights (0 for
+LoRAs not chosen) and scale into tensors in place; at 0 they add exact zeros, so "off" is still exactly no
+adapter.
 """
 
 from __future__ import annotations
@@ -27,14 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping
 
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
+from .compiled import is_compiled
 from .options import is_number
 
 #: Adapter names become module keys inside the UNet (peft), so no dots.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 LOCAL_PREFIXES = ("/", "./", "../")
+#: The buffer on each IP-Adapter value projection that holds the scale (:func:`_scaled_values`).
+VALUE_SCALE = "ip_adapter_value_scale"
 
 
 @dataclass(frozen=True)
@@ -252,13 +262,21 @@ def _load_ip_adapter(pipe, spec: IPAdapterSpec) -> None:
     pipe.register_modules(image_encoder=encoder.to(unet.device))
     pipe.load_ip_adapter(spec.source, subfolder=spec.subfolder, weight_name=spec.weight_name,
                          image_encoder_folder=None, revision=spec.revision)
+    for projection in _ip_value_projections(pipe):
+        projection.register_buffer(VALUE_SCALE, projection.weight.new_ones(()), persistent=False)
+        projection.register_forward_hook(_scaled_values)
 
 
-def _adapters_off(pipe, config: AdapterConfig) -> None:
-    if config.loras:
-        pipe.disable_lora()
-    if config.ip_adapter is not None:
-        pipe.set_ip_adapter_scale(0.0)
+def _ip_value_projections(pipe) -> Iterator[torch.nn.Linear]:
+    """The IP-Adapter's value projections (diffusers' ``to_v_ip``), in every cross-attention of the UNet."""
+    for processor in pipe.unet.attn_processors.values():
+        yield from getattr(processor, "to_v_ip", ())
+
+
+def _scaled_values(projection, args, values: torch.Tensor) -> torch.Tensor:
+    """The image prompt's values times the IP-Adapter scale, a tensor: decoupled cross-attention adds
+    scale * Attention(Q, K', V') (Ye et al. 2023), which is Attention(Q, K', scale * V')."""
+    return values * getattr(projection, VALUE_SCALE)
 
 
 @contextmanager
@@ -269,17 +287,78 @@ def applied_adapters(pipe, config: AdapterConfig, choice: AdapterChoice) -> Iter
     state is the shared UNet's. ValueError (before anything changes) when ``choice`` is not offered."""
     config.check(choice)
     try:
-        if choice.loras:
-            pipe.set_adapters(list(choice.loras), [float(w) for w in choice.loras.values()])
-            pipe.enable_lora()
+        _choose(pipe, config, choice)
         call_kwargs = {}
         if config.ip_adapter is not None:
-            pipe.set_ip_adapter_scale(float(choice.ip_adapter_scale))
             image = choice.ip_adapter_image
             call_kwargs["ip_adapter_image"] = _blank_image(pipe) if image is None else image
         yield call_kwargs
     finally:
         _adapters_off(pipe, config)
+
+
+def _adapters_off(pipe, config: AdapterConfig) -> None:
+    _choose(pipe, config, AdapterChoice())
+
+
+def _choose(pipe, config: AdapterConfig, choice: AdapterChoice, keep_graphs: bool | None = None) -> None:
+    """Set the loaded adapters to ``choice``. With ``keep_graphs`` (by default: when the UNet is compiled)
+    without changing what a compiled graph reads from Python: the LoRAs stay active (0 for the ones not
+    chosen; but for a DoRA, which runs only when chosen: one graph each way) and the IP-Adapter always runs,
+    their weights and scale written in place into tensors (graph inputs, where each new float would be a new
+    graph). Eagerly that would cost every call the unused adapters' work (bench/adapters_eager_cost.py), so
+    an eager UNet runs only the chosen ones."""
+    if keep_graphs is None:
+        keep_graphs = is_compiled(pipe.unet)
+    if config.loras:
+        _choose_loras(pipe, choice.loras, list(config.loras), keep_graphs)
+    if config.ip_adapter is not None:
+        _choose_ip_adapter_scale(pipe, float(choice.ip_adapter_scale), keep_graphs)
+
+
+def _choose_loras(pipe, weights: Mapping[str, float], names: list[str], keep_graphs: bool) -> None:
+    """The LoRAs ``names`` (in the config's order) at ``weights`` (0 where not given), in the UNet and the text
+    encoders: the chosen ones running, with ``keep_graphs`` also the others where 0 adds nothing."""
+    for layer in _lora_layers(pipe):
+        for name in layer.scaling:
+            _set_scale(layer, name, float(weights.get(name, 0.0)), keep_graphs)
+        active = [n for n in names if n in weights or (keep_graphs and _zero_is_off(layer, n))]
+        layer.set_adapter(active or layer.active_adapters)
+        layer.enable_adapters(bool(active))
+
+
+def _lora_layers(pipe) -> Iterator[BaseTunerLayer]:
+    """The layers peft wrapped for LoRAs in the UNet and the text encoders (those ``pipe`` has)."""
+    for component in pipe._lora_loadable_modules:
+        model = getattr(pipe, component, None)
+        if model is not None:
+            yield from (module for module in model.modules() if isinstance(module, BaseTunerLayer))
+
+
+def _zero_is_off(layer, name: str) -> bool:
+    """Whether LoRA ``name`` adds exactly nothing to ``layer`` at weight 0: a plain LoRA (W + 0 * BA); not a
+    peft variant such as DoRA (Liu et al. 2024), whose magnitude rescales the layer at any weight."""
+    return name not in getattr(layer, "lora_variant", {})
+
+
+def _set_scale(layer, name: str, weight: float, in_tensor: bool) -> None:
+    """peft's scaling of LoRA ``name`` at ``weight`` (weight * alpha / r); ``in_tensor``: written in place into
+    a 0-dim tensor on the layer's device (as peft's compiled hotswapping keeps it)."""
+    held = layer.scaling[name]
+    layer.set_scale(name, weight)
+    if in_tensor:
+        weights = layer.get_base_layer().weight
+        if not isinstance(held, torch.Tensor) or held.device != weights.device:
+            held = weights.new_empty((), dtype=torch.promote_types(weights.dtype, torch.float32))
+        layer.scaling[name] = held.fill_(layer.scaling[name])
+
+
+def _choose_ip_adapter_scale(pipe, scale: float, keep_graphs: bool) -> None:
+    """The IP-Adapter at ``scale``: diffusers' processors skip it at 0 (exactly no adapter). To keep the
+    graphs they always run it, at 1, and the scale goes into the values (:func:`_scaled_values`)."""
+    pipe.set_ip_adapter_scale(1.0 if keep_graphs else scale)
+    for projection in _ip_value_projections(pipe):
+        getattr(projection, VALUE_SCALE).fill_(scale if keep_graphs else 1.0)
 
 
 def _blank_image(pipe) -> Image.Image:

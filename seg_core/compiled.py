@@ -6,8 +6,8 @@ compiles cleanly because everything it reads from Python stays put between steps
 reads a per-layer dict refilled in place and takes SEG's blur as matrices (tensors, so graph inputs; see
 ``seg_core.attention.BranchPlan``), and the down-block sharing builds its index tensors once per layout.
 A new graph is compiled only for a new size or a new set of methods (or layers); sigma, the scales,
-the step and the prompt reuse the graphs.  The guidance combination (a few elementwise operations)
-runs eagerly between UNet calls.
+the step, the prompt and a request's adapters (seg_core.adapters) reuse the graphs.  The guidance
+combination (a few elementwise operations) runs eagerly between UNet calls.
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ def compile_unet(unet: torch.nn.Module, mode: str | None = None, regional: bool 
     else:
         unet.compile(**options)
     return unet
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a module inside it was compiled in place (``nn.Module.compile``, as
+    :func:`compile_unet` does, regional or whole)."""
+    return any(m._compiled_call_impl is not None for m in module.modules())
 
 
 def dynamo_counts() -> dict[str, int]:

@@ -143,8 +143,9 @@ class StableDiffusionXLSEGPipeline(StableDiffusionXLPipeline):
         r"""Compile the UNet with ``torch.compile``, in place, for every guidance method (see seg_core.compiled).
 
         The first call at a new size or with a new set of methods (or applied layers) compiles; sigma, the
-        scales, the steps and the prompts then reuse the graphs. The ControlNet, VAE and text encoders stay
-        eager. Outputs equal the eager pipeline's up to float rounding (SEG's blur runs as matrices there).
+        scales, the steps, the prompts and a request's adapters (seg_core.adapters) then reuse the graphs.
+        The ControlNet, VAE and text encoders stay eager. Outputs equal the eager pipeline's up to float
+        rounding (SEG's blur runs as matrices there).
 
         Args:
             mode (`str`, *optional*): inductor's mode: None (default), "reduce-overhead" (CUDA graphs where

@@ -116,9 +116,10 @@ def tiny_union_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlN
 
 # ---- adapters: files in the published layouts, for seg_core.adapters' loaders ------------------------
 
-def tiny_lora_layers(module: torch.nn.Module, target_modules: list[str], seed: int = 0, rank: int = 4) -> dict:
-    """A random LoRA (A and B both non-zero) for a copy of ``module``, as diffusers' ``save_lora_weights``
-    takes it (its training scripts' state dict)."""
+def tiny_lora_layers(module: torch.nn.Module, target_modules: list[str], seed: int = 0, rank: int = 4,
+                     use_dora: bool = False) -> dict:
+    """A random LoRA (A and B both non-zero; ``use_dora``: DoRA, with magnitudes) for a copy of ``module``, as
+    diffusers' ``save_lora_weights`` takes it (its training scripts' state dict)."""
     import copy
 
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -128,18 +129,20 @@ def tiny_lora_layers(module: torch.nn.Module, target_modules: list[str], seed: i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         adapted = inject_adapter_in_model(
-            LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules, init_lora_weights=False),
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules, init_lora_weights=False,
+                       use_dora=use_dora),
             copy.deepcopy(module))
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(adapted))
 
 
 def write_tiny_lora(folder, components: dict, seed: int = 0, text_encoders: bool = False,
-                    weight_name: str = "pytorch_lora_weights.safetensors") -> None:
-    """A random LoRA for the tiny model's UNet attention (and, with ``text_encoders``, both text encoders'),
-    written to ``folder`` as diffusers writes SDXL LoRAs (safetensors)."""
+                    weight_name: str = "pytorch_lora_weights.safetensors", use_dora: bool = False) -> None:
+    """A random LoRA (``use_dora``: DoRA) for the tiny model's UNet attention (and, with ``text_encoders``, both
+    text encoders'), written to ``folder`` as diffusers writes SDXL LoRAs (safetensors)."""
     from diffusers import StableDiffusionXLPipeline
 
-    layers = {"unet_lora_layers": tiny_lora_layers(components["unet"], ["to_q", "to_k", "to_v", "to_out.0"], seed)}
+    attention = ["to_q", "to_k", "to_v", "to_out.0"]
+    layers = {"unet_lora_layers": tiny_lora_layers(components["unet"], attention, seed, use_dora=use_dora)}
     if text_encoders:
         for k, name in enumerate(("text_encoder", "text_encoder_2")):
             layers[f"{name}_lora_layers"] = tiny_lora_layers(

@@ -246,3 +246,12 @@ def test_compare_cost_bench_prints_its_summary(monkeypatch, capsys):
     run_script(monkeypatch, "bench/compare_cost.py", "--model", "tiny", "--rounds", "1", "--threads", "1")
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["compare_seconds"] > 0 and summary["unet_evaluations"] > 0
+
+
+def test_adapters_eager_cost_bench_prints_its_summary(monkeypatch, capsys):
+    assert ["--model", "embedded", "--threads", "1"] in readme_commands("bench/adapters_eager_cost.py")
+    run_script(monkeypatch, "bench/adapters_eager_cost.py", "--model", "tiny", "--steps", "1", "--rounds", "1")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["model"] == "tiny" and set(summary) >= {"none", "one LoRA"}
+    assert all(summary[choice]["chosen_ms"] > 0 and summary[choice]["all_running_ms"] > 0
+               for choice in ("none", "one LoRA"))

@@ -80,8 +80,6 @@ class Studio:
                  compile: bool = False, adapters: AdapterConfig | None = None):
         self.requested_model = model
         self.adapters = adapters
-        if compile and adapters is not None:
-            logger.warning("--compile with adapters: every new LoRA weight a request chooses recompiles the UNet")
         self.notice = notice
         self.limits = limits or Limits()
         self.load_error: str | None = None
