@@ -99,8 +99,9 @@ class AdapterConfig:
         for name, weight in choice.loras.items():
             spec = self.loras.get(name)
             if spec is None:
-                offered = ", ".join(map(repr, self.loras)) or "none are configured on this server"
-                raise ValueError(f"LoRA {name!r} is not offered here; the LoRAs are: {offered}")
+                offered = (f"the LoRAs are: {', '.join(map(repr, self.loras))}" if self.loras
+                           else "no LoRAs are configured on this server")
+                raise ValueError(f"LoRA {name!r} is not offered here; {offered}")
             _check_in_range(f"LoRA {name!r} weight", weight, spec.weight_range)
         image, scale = choice.ip_adapter_image, choice.ip_adapter_scale
         if self.ip_adapter is None:

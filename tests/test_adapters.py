@@ -180,7 +180,7 @@ def test_a_request_may_only_choose_what_is_offered(config, choice, message):
 
 
 def test_nothing_is_offered_without_a_config():
-    with pytest.raises(ValueError, match="LoRA 'ink' is not offered here; the LoRAs are: none are configured"):
+    with pytest.raises(ValueError, match="LoRA 'ink' is not offered here; no LoRAs are configured on this server"):
         AdapterConfig().check(AdapterChoice({"ink": 1.0}))
     with pytest.raises(ValueError, match=r"no IP-Adapter is configured on this server \(an image prompt needs one\); "
                                          r"got an image prompt at ip_adapter_scale=0.0"):
