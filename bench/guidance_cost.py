@@ -39,6 +39,7 @@ from seg_core.attention import SmoothedEnergyAttention  # noqa: E402
 from seg_core.blur import blur_tokens  # noqa: E402
 from seg_core.compiled import CUDA_GRAPH_MODES, compile_unet, counts_since, dynamo_counts  # noqa: E402
 from seg_core.methods import PAG, SAG, SEG, GuidedStep, select_rows  # noqa: E402
+from seg_core.models import SDXL as SDXL_PROFILE  # noqa: E402
 
 SDXL = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -260,8 +261,8 @@ COMPILED_RATIOS = {
     "compiled_cfg_over_eager": ("cfg", "eager_cfg", "time"),
     "compiled_cfg_seg_over_compiled_cfg": ("cfg_seg", "cfg", "time"),
 }
-#: A Compare's steps at the demo's defaults: its UNet time is this many compare_sequential steps.
-COMPARE_STEPS = 25
+#: A Compare's steps at SDXL's default (its profile's): its UNet time is this many compare_sequential steps.
+COMPARE_STEPS = SDXL_PROFILE.steps
 
 
 def ratios(wanted: dict, times: dict, counted: dict | None = None) -> dict:
